@@ -1,0 +1,185 @@
+"""Split-point SLERP: the M2N2 crossover, as one plain function.
+
+Parents are two flat vectors ``x`` (parent A) and ``y`` (parent B) in the model's parameter
+order. A split index ``s`` cuts the vector in two: elements before ``s`` are mixed with
+``t = mix_ratio`` (the weight on parent B), elements from ``s`` on with ``t = 1 - mix_ratio``.
+Both halves share ONE angle Omega, the angle between the whole ``x`` and ``y``::
+
+    child_k = sin((1 - t_k) Omega) / sin Omega * x_k + sin(t_k Omega) / sin Omega * y_k
+
+This is the official M2N2 code's crossover (the paper writes two SLERPs with their own angles;
+the code uses one). When the vectors are (anti)parallel SLERP is undefined and we fall back to
+linear interpolation ``(1 - t) x + t y``.
+
+The same function serves three callers:
+
+* the flat-vector form (the digits MLP): the whole model is one vector, so the angle is the
+  tensor's own angle and the fallback is the official ``sin Omega <= 1e-6``;
+* a model held as many tensors with one global angle: compute :func:`global_cosine` over all
+  tensors once and pass it as ``cos`` for every tensor, with each tensor's split index shifted
+  by the tensor's offset in the global order;
+* the mergekit method (one angle per tensor, as mergekit's own ``slerp``): pass
+  ``dot_threshold=0.9995`` so the linear fallback is mergekit's rule, ``|cos| > 0.9995``.
+
+The arithmetic runs in float32 (float64 stays float64) whatever the storage dtype, so bf16
+parents merge without bf16 rounding in the intermediate sums; the result has the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+#: Below this ``sin(Omega)`` the official code uses linear interpolation.
+MIN_SIN_OMEGA = 1e-6
+#: mergekit's ``slerp`` lerps when ``|cos Omega|`` exceeds this.
+MERGEKIT_DOT_THRESHOLD = 0.9995
+#: Norms at or below this are not divided out (mergekit's rule): a zero tensor keeps cos = 0.
+NORM_EPS = 1e-8
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: float64 for float64 inputs, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def split_index(split_point: float, n: int) -> int:
+    """Map a split point in [0, 1] to an element index in [0, n].
+
+    ``floor(split_point * n)``: a split point drawn from U[0, 1) gives the official code's
+    ``UniformInt{0, ..., n-1}``; ``split_point = 1`` puts every element before the split.
+    """
+    if not 0.0 <= split_point <= 1.0 or math.isnan(split_point):
+        raise ValueError(f"split_point must be in [0, 1], got {split_point!r}")
+    return min(n, int(math.floor(split_point * n)))
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"parents have different shapes: {tuple(a.shape)} vs {tuple(b.shape)}"
+        )
+    if a.dtype != b.dtype:
+        raise TypeError(f"parents have different dtypes: {a.dtype} vs {b.dtype}")
+    if not a.is_floating_point():
+        raise TypeError(f"split-point SLERP needs floating-point tensors, got {a.dtype}")
+
+
+def _partial_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """(|a|^2, |b|^2, <a, b>) in the compute dtype, as Python floats."""
+    work = compute_dtype(a.dtype)
+    x = a.reshape(-1).to(work)
+    y = b.reshape(-1).to(work)
+    return float(torch.dot(x, x)), float(torch.dot(y, y)), float(torch.dot(x, y))
+
+
+def _cosine_from_sums(aa: float, bb: float, ab: float, eps: float = NORM_EPS) -> float:
+    na = math.sqrt(aa)
+    nb = math.sqrt(bb)
+    na = na if na > eps else 1.0
+    nb = nb if nb > eps else 1.0
+    return min(1.0, max(-1.0, ab / (na * nb)))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = NORM_EPS) -> float:
+    """cos of the angle between two tensors seen as flat vectors, clipped to [-1, 1].
+
+    A norm at or below ``eps`` is not divided out, so a zero tensor gives cos = 0 (mergekit's
+    convention; the official code would divide by zero).
+    """
+    _check_pair(a, b)
+    return _cosine_from_sums(*_partial_sums(a, b), eps=eps)
+
+
+def global_cosine(
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], eps: float = NORM_EPS
+) -> float:
+    """cos of the ONE angle between two models given as (tensor of A, tensor of B) pairs.
+
+    Equal to :func:`cosine` of the two concatenated flat vectors, without concatenating.
+    """
+    aa = bb = ab = 0.0
+    for a, b in pairs:
+        _check_pair(a, b)
+        da, db, dab = _partial_sums(a, b)
+        aa += da
+        bb += db
+        ab += dab
+    return _cosine_from_sums(aa, bb, ab, eps=eps)
+
+
+def slerp_coefficients(
+    t: float, cos: float, dot_threshold: float | None = None
+) -> tuple[float, float]:
+    """The weights (on parent A, on parent B) of SLERP at ratio ``t`` for an angle ``acos(cos)``.
+
+    Linear ``(1 - t, t)`` where SLERP is undefined: ``sin Omega <= 1e-6`` (official rule) when
+    ``dot_threshold`` is None, else ``|cos| > dot_threshold`` (mergekit's rule).
+    """
+    omega = math.acos(min(1.0, max(-1.0, cos)))
+    sin_omega = math.sin(omega)
+    if dot_threshold is None:
+        linear = sin_omega <= MIN_SIN_OMEGA
+    else:
+        linear = abs(cos) > dot_threshold
+    if linear:
+        return 1.0 - t, t
+    return math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega
+
+
+def split_slerp(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    mix_ratio: float,
+    split_at: int,
+    *,
+    cos: float | None = None,
+    dot_threshold: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Split-point SLERP of parent A (``a``) and parent B (``b``).
+
+    Args:
+        a, b: same shape and dtype, floating point. Flattened in row-major order.
+        mix_ratio: ``w`` in [0, 1]; ``t = w`` (weight on B) for flat indices ``< split_at``,
+            ``t = 1 - w`` from ``split_at`` on.
+        split_at: split index into the flattened tensor; values outside ``[0, numel]`` are
+            clamped, which is how a tensor that lies wholly before or after a model-wide split
+            point is handled (pass ``global_split - tensor_offset``).
+        cos: the cosine of the angle to use. None: the angle between ``a`` and ``b``
+            themselves. Pass :func:`global_cosine` of a whole model to get the official code's
+            single angle over all parameters.
+        dot_threshold: None for the official fallback (``sin Omega <= 1e-6``); a float for
+            mergekit's (``|cos| > dot_threshold``).
+        out: optional tensor of ``a``'s shape and dtype to write the child into (e.g. a
+            resident model's parameter), saving one allocation.
+
+    Returns:
+        The child, with ``a``'s shape and dtype.
+    """
+    _check_pair(a, b)
+    if not 0.0 <= mix_ratio <= 1.0 or math.isnan(mix_ratio):
+        raise ValueError(f"mix_ratio must be in [0, 1], got {mix_ratio!r}")
+    if cos is None:
+        cos = cosine(a, b)
+    n = a.numel()
+    s = min(max(int(split_at), 0), n)
+    work = compute_dtype(a.dtype)
+    x = a.reshape(-1)
+    y = b.reshape(-1)
+    result = torch.empty(n, dtype=work, device=a.device)
+    for lo, hi, t in ((0, s, mix_ratio), (s, n, 1.0 - mix_ratio)):
+        if hi <= lo:
+            continue
+        coef_a, coef_b = slerp_coefficients(t, cos, dot_threshold)
+        part = result[lo:hi]
+        torch.mul(x[lo:hi].to(work), coef_a, out=part)
+        part.add_(y[lo:hi].to(work), alpha=coef_b)
+    if out is not None:
+        if out.shape != a.shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(a.shape)}")
+        out.copy_(result.view(a.shape))
+        return out
+    return result.view(a.shape).to(a.dtype)
