@@ -1,0 +1,599 @@
+"""M2N2Sampler: Model Merging of Natural Niches (arXiv 2508.16204) as an Optuna sampler.
+
+The sampler does not merge or evaluate anything. Per trial it decides a *plan* -- evaluate seed
+``s``, or merge archive members A and B with ``mix_ratio`` and ``split_point`` -- and after the
+objective reports the child's per-example scores (:meth:`M2N2Sampler.set_scores`) the archive
+takes the child in by resource competition (:func:`.niches.replace_index`).
+
+Where the state lives. The archive is a deterministic *fold* over the study's trials in trial
+number order: each COMPLETE trial with scores is applied once (a seed to the first empty slot,
+everything else by the replacement rule); FAIL and PRUNED trials and COMPLETE trials without
+scores are skipped; the fold stops at the first trial that has not finished. So with one worker
+the archive that trial ``n`` sees is exactly the official steady-state algorithm after ``n``
+steps, and with several workers it is the finished prefix of the study. The fold's result is
+cached in the study's system attrs; since the fold is deterministic every worker that advances
+it writes a correct state, and a stale write only makes the next reader re-apply a few trials.
+Nothing in this object is the source of truth: a new process on the same storage resumes, and
+workers on one RDB storage share one archive. A trial reads O(workers) trials, never the whole
+history. See ``_state.py`` for the storage keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any
+from typing import TYPE_CHECKING
+from weakref import WeakKeyDictionary
+
+import numpy as np
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.samplers import BaseSampler
+from optuna.samplers import RandomSampler
+from optuna.trial import FrozenTrial
+from optuna.trial import Trial
+from optuna.trial import TrialState
+
+from ._state import decode_scores
+from ._state import encode_scores
+from ._state import FOLD_KEY
+from ._state import FoldState
+from ._state import N_EXAMPLES_KEY
+from ._state import PLAN_KEY
+from ._state import SCORES_KEY
+from .niches import draw_parents
+from .niches import replace_index
+from .niches import shared_fitness
+
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from numpy.typing import ArrayLike
+    from numpy.typing import NDArray
+    from optuna.distributions import BaseDistribution
+    from optuna.storages import BaseStorage
+    from optuna.study import Study
+
+
+_logger = optuna.logging.get_logger("optuna.m2n2")
+
+MIX_RATIO = "mix_ratio"
+SPLIT_POINT = "split_point"
+#: A trial whose predecessor has no plan yet waits at most this long for it (seconds).
+_PLAN_TIMEOUT = 30.0
+#: Warn once when the fold lags this many trials behind (a RUNNING trial of a dead worker).
+_LAG_WARNING = 100
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Archive:
+    """The M2N2 archive as of the fold position, for reports.
+
+    Attributes:
+        members: trial numbers of the archive members in slot order, empty slots left out.
+        scores: ``len(members) x N`` score matrix, rows in ``members`` order (read-only).
+        slots: length ``archive_size``; the member's trial number per slot, None when empty.
+        n_folded: COMPLETE trials with scores folded so far (each once, kept or not).
+        position: the fold covers every trial numbered below this.
+    """
+
+    members: list[int]
+    scores: NDArray[np.float64]
+    slots: list[int | None]
+    n_folded: int
+    position: int
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def fitness(self, alpha: float = 1.0) -> NDArray[np.float64]:
+        """Shared fitness of each member, the load ``z`` summed over the members."""
+        if not self.members:
+            return np.zeros(0)
+        return shared_fitness(self.scores, alpha)
+
+    @property
+    def mean_scores(self) -> NDArray[np.float64]:
+        """Each member's mean score over the examples (its plain accuracy for 0/1 scores)."""
+        return self.scores.mean(axis=1) if self.members else np.zeros(0)
+
+    @property
+    def coverage(self) -> float:
+        """Best score on each example over all members, averaged over the examples.
+
+        For 0/1 scores: the share of examples that at least one member solves -- what a
+        perfect router over the archive would score, an upper bound for any single member.
+        """
+        return float(self.scores.max(axis=0).mean()) if self.members else 0.0
+
+    def best(self) -> int | None:
+        """Trial number of the member with the highest mean score (first slot on a tie)."""
+        if not self.members:
+            return None
+        return self.members[int(np.argmax(self.mean_scores))]
+
+
+@dataclasses.dataclass
+class _StudyCache:
+    """Per-study memo of immutable things: finished trials' score vectors and own plans."""
+
+    rows: dict[int, NDArray[np.float64]] = dataclasses.field(default_factory=dict)
+    plans: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    warned: set[str] = dataclasses.field(default_factory=set)
+    n_examples: int | None = None
+
+
+def _validate_scores(scores: ArrayLike) -> NDArray[np.float64]:
+    try:
+        vector = np.array(scores, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"scores must be numbers: {error}") from None
+    if vector.ndim != 1:
+        raise ValueError(f"scores must be 1-D (one value per example), got shape {vector.shape}")
+    if vector.size == 0:
+        raise ValueError("scores must hold at least one example, got an empty vector")
+    bad = np.flatnonzero(~np.isfinite(vector))
+    if bad.size:
+        raise ValueError(f"scores must be finite, got {vector[bad[0]]} at index {bad[0]}")
+    bad = np.flatnonzero((vector < 0.0) | (vector > 1.0))
+    if bad.size:
+        raise ValueError(f"scores must lie in [0, 1], got {vector[bad[0]]} at index {bad[0]}")
+    return vector
+
+
+def _own_plan(system_attrs: Any, number: int) -> dict[str, Any] | None:
+    """The trial's plan, or None (no plan yet, or one copied from another trial by a retry)."""
+    plan = system_attrs.get(PLAN_KEY) if system_attrs is not None else None
+    if isinstance(plan, dict) and plan.get("trial") == number:
+        return plan
+    return None
+
+
+class M2N2Sampler(BaseSampler):
+    """Model Merging of Natural Niches: an archive kept by resource competition and attraction.
+
+    Each trial is either a *seed* (the objective evaluates initial model number
+    :meth:`seed_index`, e.g. one model of a mergekit config or a random init) or a *child* of
+    two archive members (:meth:`parents`) merged with ``trial.suggest_float("mix_ratio", 0, 1)``
+    and ``trial.suggest_float("split_point", 0, 1)``. The objective reports the per-example
+    scores with :meth:`set_scores`; its return value is not used (return the mean score).
+
+    Args:
+        archive_size: number of archive slots ``P`` (the paper: 20).
+        alpha: sharing exponent; 1 is M2N2, 0 a plain GA by raw score.
+        use_attraction: draw parent B by attraction (False: the paper's ablation, A and B
+            i.i.d. by shared fitness).
+        use_split_point: draw a split point (False: the ablation, ``split_point`` is 1.0, i.e.
+            one ratio for every parameter).
+        n_seeds: number of initial models; trials are seeds until each seed is COMPLETE or in
+            flight, and a seed whose trial fails is issued again.
+        seed: seed for the per-trial random streams (``default_rng([seed, trial.number])``), so
+            one worker with the same seed draws the same plans, resumed or not.
+        independent_sampler: samples every parameter other than ``mix_ratio`` and
+            ``split_point``; default ``RandomSampler(seed)``.
+        poll_interval: longest pause (seconds) between storage polls while a child waits for
+            the first seed to finish.
+    """
+
+    def __init__(
+        self,
+        archive_size: int = 20,
+        alpha: float = 1.0,
+        use_attraction: bool = True,
+        use_split_point: bool = True,
+        n_seeds: int = 2,
+        seed: int | None = None,
+        *,
+        independent_sampler: BaseSampler | None = None,
+        poll_interval: float = 1.0,
+    ) -> None:
+        if int(archive_size) != archive_size or archive_size < 1:
+            raise ValueError(f"archive_size must be a positive integer, got {archive_size!r}")
+        if not np.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        if int(n_seeds) != n_seeds or n_seeds < 1:
+            raise ValueError(f"n_seeds must be a positive integer, got {n_seeds!r}")
+        if not poll_interval > 0:
+            raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
+        self._archive_size = int(archive_size)
+        self._alpha = float(alpha)
+        self._use_attraction = bool(use_attraction)
+        self._use_split_point = bool(use_split_point)
+        self._n_seeds = int(n_seeds)
+        self._seed = seed
+        self._independent_sampler = independent_sampler or RandomSampler(seed=seed)
+        self._poll_interval = float(poll_interval)
+        self._lock = threading.Lock()
+        self._caches: WeakKeyDictionary[BaseStorage, dict[int, _StudyCache]] = WeakKeyDictionary()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_lock"], state["_caches"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._caches = WeakKeyDictionary()
+
+    # ----------------------------------------------------------------- the objective's API
+
+    def parents(self, trial: Trial | FrozenTrial) -> tuple[int, int] | None:
+        """Trial numbers ``(A, B)`` of the archive members to merge, or None for a seed trial.
+
+        ``A == B`` only when the archive holds a single member (or, with
+        ``use_attraction=False``, when both i.i.d. draws hit the same member).
+        """
+        plan = self._plan_of(trial)
+        if plan["role"] != "child":
+            return None
+        a, b = plan["parents"]
+        return int(a), int(b)
+
+    def seed_index(self, trial: Trial | FrozenTrial) -> int | None:
+        """Which initial model (0 .. n_seeds - 1) the trial evaluates, or None for a child."""
+        plan = self._plan_of(trial)
+        return int(plan["seed"]) if plan["role"] == "seed" else None
+
+    def set_scores(self, trial: Trial, scores: ArrayLike) -> None:
+        """Store the trial's per-example scores; call it in the objective before returning.
+
+        Raises:
+            ValueError: ``scores`` is not a non-empty 1-D vector of finite numbers in [0, 1],
+                or its length differs from the study's earlier score vectors.
+        """
+        if not isinstance(trial, Trial):
+            raise TypeError(f"set_scores needs the running optuna.Trial, got {type(trial)}")
+        vector = _validate_scores(scores)
+        storage, study_id = trial.study._storage, trial.study._study_id
+        with self._lock:
+            n_examples = self._cache(trial.study).n_examples
+        if n_examples is None:
+            n_examples = storage.get_study_system_attrs(study_id).get(N_EXAMPLES_KEY)
+            if n_examples is None:
+                storage.set_study_system_attr(study_id, N_EXAMPLES_KEY, int(vector.size))
+                n_examples = int(vector.size)
+            with self._lock:  # fixed for the study once set
+                self._cache(trial.study).n_examples = n_examples
+        if vector.size != n_examples:
+            raise ValueError(
+                f"scores has {vector.size} values, but this study's score vectors have "
+                f"{n_examples} (one per fitness example, the same examples for every trial)"
+            )
+        for key, value in encode_scores(vector).items():
+            storage.set_trial_system_attr(trial._trial_id, key, value)
+
+    def archive(self, study: Study) -> Archive:
+        """The archive after folding every finished trial up to the first unfinished one."""
+        state, matrix = self._advance(study)
+        rows = [slot for slot, number in enumerate(state.slots) if number is not None]
+        scores = matrix[rows].copy()
+        scores.setflags(write=False)
+        return Archive(
+            members=[int(number) for number in state.slots if number is not None],
+            scores=scores,
+            slots=list(state.slots),
+            n_folded=state.n_folded,
+            position=state.position,
+        )
+
+    # ----------------------------------------------------------------- the sampler interface
+
+    def infer_relative_search_space(
+        self, study: Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        return {}
+
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(
+        self,
+        study: Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        if param_name not in (MIX_RATIO, SPLIT_POINT):
+            return self._independent_sampler.sample_independent(
+                study, trial, param_name, param_distribution
+            )
+        if param_distribution != FloatDistribution(0.0, 1.0):
+            raise ValueError(
+                f"{param_name} is M2N2's; suggest it as trial.suggest_float({param_name!r}, "
+                f"0.0, 1.0), got {param_distribution}"
+            )
+        return float(self._ensure_plan(study, trial)[param_name])
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        self._independent_sampler.before_trial(study, trial)
+        try:
+            if isinstance(trial.system_attrs.get(SCORES_KEY), str):
+                # A retried trial inherits the failed one's attrs; its scores are not ours.
+                study._storage.set_trial_system_attr(trial._trial_id, SCORES_KEY, None)
+            self._make_plan(study, trial)
+        except BaseException:
+            # A trial left RUNNING would stop the fold for every worker: fail it.
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            raise
+
+    def after_trial(
+        self,
+        study: Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        with self._lock:
+            self._cache(study).plans.pop(trial._trial_id, None)
+        self._independent_sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._independent_sampler.reseed_rng()
+
+    # ----------------------------------------------------------------- plans
+
+    def _rng(self, number: int) -> np.random.Generator:
+        if self._seed is None:
+            return np.random.default_rng()
+        return np.random.default_rng([self._seed, number])
+
+    def _make_plan(self, study: Study, trial: FrozenTrial) -> dict[str, Any]:
+        """Decide the trial's role and draws once, and store them in the trial's system attrs.
+
+        Draw order from the trial's stream: A, B (children only), mix_ratio, split_point.
+        """
+        storage = study._storage
+        state, matrix = self._advance(study, trial.number)
+        seed = self._free_seed(study, state, trial.number)
+        rng = self._rng(trial.number)
+        plan: dict[str, Any] = {"trial": trial.number, "role": "seed", "seed": seed}
+        if seed is None:
+            plan["role"] = "child"
+            if not state.filled.any():
+                # Tell later trials this one is no seed before waiting for one to finish.
+                storage.set_trial_system_attr(trial._trial_id, PLAN_KEY, plan | {"parents": None})
+                state, matrix = self._wait_for_member(study, trial.number)
+            a, b = draw_parents(
+                matrix,
+                rng,
+                self._alpha,
+                filled=state.filled,
+                use_attraction=self._use_attraction,
+            )
+            plan["parents"] = [state.slots[a], state.slots[b]]
+        else:
+            plan["parents"] = None
+        plan[MIX_RATIO] = float(rng.random())
+        plan[SPLIT_POINT] = float(rng.random()) if self._use_split_point else 1.0
+        plan["fold_position"] = state.position
+        storage.set_trial_system_attr(trial._trial_id, PLAN_KEY, plan)
+        with self._lock:
+            self._cache(study).plans[trial._trial_id] = plan
+        return plan
+
+    def _ensure_plan(self, study: Study, trial: FrozenTrial) -> dict[str, Any]:
+        with self._lock:
+            plan = self._cache(study).plans.get(trial._trial_id)
+        if plan is None:
+            fresh = study._storage.get_trial(trial._trial_id)
+            plan = _own_plan(fresh.system_attrs, fresh.number)
+            if plan is None:  # a trial created without before_trial (storage-level tests)
+                plan = self._make_plan(study, fresh)
+        return plan
+
+    def _plan_of(self, trial: Trial | FrozenTrial) -> dict[str, Any]:
+        if isinstance(trial, Trial):
+            with self._lock:
+                plan = self._cache(trial.study).plans.get(trial._trial_id)
+            if plan is None:
+                attrs = trial.study._storage.get_trial(trial._trial_id).system_attrs
+                plan = _own_plan(attrs, trial.number)
+        elif isinstance(trial, FrozenTrial):
+            plan = _own_plan(trial.system_attrs, trial.number)
+        else:
+            raise TypeError(f"expected an optuna.Trial or FrozenTrial, got {type(trial)}")
+        if plan is None or (plan["role"] == "child" and plan.get("parents") is None):
+            raise ValueError(
+                f"trial {trial.number} has no M2N2 plan: it did not start in a study whose "
+                "sampler is an M2N2Sampler"
+            )
+        return plan
+
+    def _free_seed(self, study: Study, state: FoldState, number: int) -> int | None:
+        """The lowest seed index neither folded as COMPLETE nor held by an unfolded trial.
+
+        Only the un-folded tail (trial numbers from the fold position up to ``number``) is
+        read, in order, so two trials never take the same seed: a trial waits for the plan of
+        a RUNNING predecessor that has none yet (it is being planned right now).
+        """
+        taken = {s for s in state.seeds if s < self._n_seeds}
+        if len(taken) == self._n_seeds:
+            return None
+        storage, study_id = study._storage, study._study_id
+        for k in range(state.position, number):
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, k)
+            trial = storage.get_trial(trial_id)
+            if trial.state not in (TrialState.RUNNING, TrialState.COMPLETE):
+                continue  # FAIL / PRUNED: its seed is free again; WAITING: not planned
+            plan = _own_plan(trial.system_attrs, k)
+            if plan is None and trial.state == TrialState.RUNNING:
+                plan = self._await_plan(storage, trial_id, k)
+            if plan is not None and plan["role"] == "seed":
+                taken.add(int(plan["seed"]))
+        free = [s for s in range(self._n_seeds) if s not in taken]
+        return free[0] if free else None
+
+    def _await_plan(
+        self, storage: BaseStorage, trial_id: int, number: int
+    ) -> dict[str, Any] | None:
+        deadline = time.monotonic() + _PLAN_TIMEOUT
+        pause = 0.005
+        while time.monotonic() < deadline:
+            time.sleep(pause)
+            pause = min(2 * pause, 0.1)
+            trial = storage.get_trial(trial_id)
+            plan = _own_plan(trial.system_attrs, number)
+            if plan is not None or trial.state != TrialState.RUNNING:
+                return plan
+        _logger.warning(
+            f"Trial {number} is RUNNING without an M2N2 plan after {_PLAN_TIMEOUT:.0f} s; "
+            "treating it as a child."
+        )
+        return None
+
+    def _wait_for_member(self, study: Study, number: int) -> tuple[FoldState, NDArray[np.float64]]:
+        """Poll until a seed has entered the archive: a child needs at least one parent."""
+        pause = 0.01
+        while True:
+            state, matrix = self._advance(study)
+            if state.filled.any():
+                return state, matrix
+            self._warn_once(
+                study,
+                "wait",
+                f"Trial {number} is a child but no seed has finished yet; it waits for one "
+                f"(trials from {state.position} on). With ask-and-tell, tell the seed trials "
+                "before asking for more; a seed trial whose worker died stays RUNNING until it "
+                "is marked FAIL (RDBStorage heartbeat_interval).",
+            )
+            time.sleep(pause)
+            pause = min(2 * pause, self._poll_interval)
+
+    # ----------------------------------------------------------------- the fold
+
+    def _cache(self, study: Study) -> _StudyCache:
+        """Memo for one study (callers hold ``self._lock`` around mutations)."""
+        per_storage = self._caches.setdefault(study._storage, {})
+        return per_storage.setdefault(study._study_id, _StudyCache())
+
+    def _warn_once(self, study: Study, key: str, message: str) -> None:
+        with self._lock:
+            warned = self._cache(study).warned
+            if key in warned:
+                return
+            warned.add(key)
+        _logger.warning(message)
+
+    def _advance(
+        self, study: Study, current: int | None = None
+    ) -> tuple[FoldState, NDArray[np.float64]]:
+        """Read the fold state, fold the trials that finished since, store it if it moved.
+
+        Returns the state and its ``archive_size x N`` score matrix (empty slots: zero rows).
+        """
+        storage, study_id = study._storage, study._study_id
+        stored = storage.get_study_system_attrs(study_id).get(FOLD_KEY)
+        if stored is None:
+            state = FoldState(self._archive_size, self._alpha)
+        else:
+            state = FoldState.from_json(stored)
+        if (state.archive_size, state.alpha) != (self._archive_size, self._alpha):
+            raise ValueError(
+                f"this study's M2N2 archive was built with archive_size={state.archive_size}, "
+                f"alpha={state.alpha}; create the sampler with the same values"
+            )
+        matrix = self._matrix(study, state)
+        start = state.position
+        while current is None or state.position < current:  # the current trial is unfinished
+            try:
+                trial_id = storage.get_trial_id_from_study_id_trial_number(
+                    study_id, state.position
+                )
+            except KeyError:
+                break
+            trial = storage.get_trial(trial_id)
+            if not trial.state.is_finished():
+                if current is not None and current - state.position >= _LAG_WARNING:
+                    self._warn_once(
+                        study,
+                        "lag",
+                        f"The M2N2 archive is stuck behind trial {state.position}, which is "
+                        f"{trial.state.name}; if its worker died, mark it FAIL (RDBStorage "
+                        "heartbeat_interval and grace_period do this automatically).",
+                    )
+                break
+            if trial.state == TrialState.COMPLETE:
+                matrix = self._fold(study, state, matrix, trial)
+            state.position += 1
+        if state.position > start:
+            storage.set_study_system_attr(study_id, FOLD_KEY, state.to_json())
+            with self._lock:
+                rows = self._cache(study).rows
+                if len(rows) > 2 * self._archive_size:
+                    members = set(state.slots)
+                    for number in [n for n in rows if n not in members]:
+                        del rows[number]
+        return state, matrix
+
+    def _fold(
+        self,
+        study: Study,
+        state: FoldState,
+        matrix: NDArray[np.float64],
+        trial: FrozenTrial,
+    ) -> NDArray[np.float64]:
+        """Apply one COMPLETE trial to the archive (in place); returns the score matrix."""
+        scores = decode_scores(trial.system_attrs)
+        if scores is None:
+            self._warn_once(
+                study,
+                "no scores",
+                f"Trial {trial.number} is COMPLETE without scores, so the M2N2 archive skips "
+                "it (call sampler.set_scores(trial, scores) in the objective). Warned once.",
+            )
+            return matrix
+        if state.n_examples is None:
+            state.n_examples = int(scores.size)
+            matrix = np.zeros((self._archive_size, scores.size))
+        elif scores.size != state.n_examples:
+            self._warn_once(
+                study,
+                f"length {trial.number}",
+                f"Trial {trial.number} has {scores.size} scores, the archive {state.n_examples}"
+                "; the archive skips it.",
+            )
+            return matrix
+        plan = _own_plan(trial.system_attrs, trial.number)
+        seed = plan["seed"] if plan is not None and plan["role"] == "seed" else None
+        empty = np.flatnonzero(~state.filled)
+        if seed is not None and empty.size:
+            slot: int | None = int(empty[0])  # seeds fill empty slots without competing
+        else:
+            slot = replace_index(matrix, scores, self._alpha)
+        state.n_folded += 1
+        if seed is not None and seed not in state.seeds:
+            state.seeds.append(int(seed))
+        if slot is not None:
+            state.slots[slot] = trial.number
+            matrix[slot] = scores
+            scores.setflags(write=False)
+            with self._lock:
+                self._cache(study).rows[trial.number] = scores
+        return matrix
+
+    def _matrix(self, study: Study, state: FoldState) -> NDArray[np.float64]:
+        matrix = np.zeros((self._archive_size, state.n_examples or 0))
+        for slot, number in enumerate(state.slots):
+            if number is not None:
+                matrix[slot] = self._member_scores(study, number)
+        return matrix
+
+    def _member_scores(self, study: Study, number: int) -> NDArray[np.float64]:
+        with self._lock:
+            row = self._cache(study).rows.get(number)
+        if row is None:
+            storage = study._storage
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+            row = decode_scores(storage.get_trial(trial_id).system_attrs)
+            if row is None:
+                raise RuntimeError(f"archive member trial {number} has no scores in storage")
+            row.setflags(write=False)
+            with self._lock:
+                self._cache(study).rows[number] = row
+        return row

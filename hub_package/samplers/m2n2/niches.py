@@ -1,0 +1,245 @@
+"""The arithmetic of M2N2's archive: resource competition and attraction, as pure functions.
+
+Every function takes score matrices (numpy in) and returns numbers or arrays (numpy out); none
+touches Optuna. The sampler in :mod:`.m2n2` is these functions plus bookkeeping in storage.
+
+Notation (the paper's and the official code's): ``S`` is a ``P x N`` matrix, ``S[i, j]`` in
+[0, 1] is how well model ``i`` does on fitness example ``j``. Each example is a resource with
+capacity ``c_j`` (1 by default). Its load is ``z_j = sum_k S[k, j]`` over the models being
+compared; a load of 0 counts as 1 (the official code's rule; the paper writes ``z_j + eps``).
+
+* shared fitness  ``f_i = sum_j c_j S[i, j] / z_j ** alpha``  -- an example solved by few models
+  is worth more to each of them (``alpha = 0`` is a plain GA by raw score);
+* attraction      ``g(A, k) = sum_j c_j max(0, S[k, j] - S[A, j]) / z_j ** alpha``  -- how much
+  ``k`` solves of what ``A`` fails, weighted by scarcity;
+* replacement: the child joins the archive as row ``P``; the row with the least shared fitness
+  (``z`` including the child) is dropped, the first one on a tie, so an archive member tied with
+  the child goes and the child stays.
+
+Empty archive slots are rows of zeros: their shared fitness and attraction are 0, so they are
+never drawn as parents and are the first rows replacement drops.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+    from numpy.typing import NDArray
+
+#: Shared fitness values within this fraction of the largest ``|f|`` of the minimum count as
+#: tied. Summing the same terms in another order moves a float sum by a few ulps; without a
+#: tolerance such noise, not the first-index rule, would decide which of two equally fit rows
+#: is dropped. 1e-12 is far above the rounding of a sum and far below real differences.
+TIE_RTOL = 1e-12
+
+
+def _matrix(scores: ArrayLike, name: str = "scores") -> NDArray[np.float64]:
+    matrix = np.asarray(scores, dtype=np.float64)
+    if matrix.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (models x examples) array, got {matrix.shape}")
+    return matrix
+
+
+def _capacity(capacity: ArrayLike | None, n_examples: int) -> NDArray[np.float64]:
+    if capacity is None:
+        return np.ones(n_examples)
+    c = np.asarray(capacity, dtype=np.float64)
+    if c.shape != (n_examples,):
+        raise ValueError(f"capacity must have shape ({n_examples},), got {c.shape}")
+    return c
+
+
+def example_weights(
+    scores: ArrayLike, alpha: float = 1.0, capacity: ArrayLike | None = None
+) -> NDArray[np.float64]:
+    """``c_j / z_j ** alpha`` per example: what solving example ``j`` is worth to one model.
+
+    ``z_j`` sums the column over all rows of ``scores``; a column that nobody solves has
+    ``z_j = 0``, taken as 1.
+    """
+    matrix = _matrix(scores)
+    load = matrix.sum(axis=0)
+    load[load == 0.0] = 1.0
+    weights: NDArray[np.float64] = _capacity(capacity, matrix.shape[1]) / load**alpha
+    return weights
+
+
+def shared_fitness(
+    scores: ArrayLike, alpha: float = 1.0, capacity: ArrayLike | None = None
+) -> NDArray[np.float64]:
+    """Shared fitness ``f_i = sum_j c_j S[i, j] / z_j ** alpha`` of every row of ``scores``.
+
+    Args:
+        scores: ``P x N`` matrix, one row per model (empty archive slots: rows of zeros).
+        alpha: how strongly sharing discounts a crowded example (1: M2N2; 0: raw score sum).
+        capacity: ``c_j`` per example; None means 1 for every example.
+
+    Returns:
+        ``f``, shape ``(P,)``.
+    """
+    matrix = _matrix(scores)
+    fitness: NDArray[np.float64] = (matrix * example_weights(matrix, alpha, capacity)).sum(axis=1)
+    return fitness
+
+
+def attraction(
+    scores: ArrayLike,
+    parent_index: int,
+    alpha: float = 1.0,
+    capacity: ArrayLike | None = None,
+) -> NDArray[np.float64]:
+    """Attraction ``g(A, k) = sum_j c_j max(0, S[k, j] - S[A, j]) / z_j ** alpha`` per row ``k``.
+
+    ``A = parent_index``; ``g(A, A) = 0``. Parent B is drawn with ``p(B = k)`` proportional to
+    this: a partner that is strong exactly where ``A`` is weak.
+
+    Returns:
+        ``g``, shape ``(P,)``.
+    """
+    matrix = _matrix(scores)
+    if not 0 <= parent_index < matrix.shape[0]:
+        raise ValueError(f"parent_index {parent_index} is not a row of a {matrix.shape} matrix")
+    gain = np.maximum(matrix - matrix[parent_index], 0.0)
+    pull: NDArray[np.float64] = (gain * example_weights(matrix, alpha, capacity)).sum(axis=1)
+    return pull
+
+
+def first_argmin(values: ArrayLike) -> int:
+    """Index of the smallest value, the first one among ties (within :data:`TIE_RTOL`)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError(f"values must be a non-empty 1-D array, got shape {v.shape}")
+    tolerance = TIE_RTOL * max(float(np.abs(v).max()), np.finfo(np.float64).tiny)
+    return int(np.flatnonzero(v <= v.min() + tolerance)[0])
+
+
+def replace_index(
+    archive_scores: ArrayLike,
+    child_scores: ArrayLike,
+    alpha: float = 1.0,
+    capacity: ArrayLike | None = None,
+) -> int | None:
+    """The archive slot a child takes under resource competition, or None if the child loses.
+
+    Shared fitness is computed over the ``P`` archive rows plus the child as row ``P`` (the
+    child counts in every ``z_j``). The row with the least fitness is dropped, the first on a
+    tie: an empty slot (a zero row) goes before any member that solves something, and a member
+    tied with the child goes before the child.
+
+    Args:
+        archive_scores: ``P x N``, empty slots as zero rows.
+        child_scores: ``(N,)``.
+        alpha, capacity: as in :func:`shared_fitness`.
+
+    Returns:
+        The slot index in ``[0, P)`` the child replaces, or None when the child is dropped.
+    """
+    archive = _matrix(archive_scores, "archive_scores")
+    child = np.asarray(child_scores, dtype=np.float64)
+    if child.shape != (archive.shape[1],):
+        raise ValueError(f"child_scores must have shape ({archive.shape[1]},), got {child.shape}")
+    fitness = shared_fitness(np.vstack([archive, child]), alpha, capacity)
+    loser = first_argmin(fitness)
+    return None if loser == archive.shape[0] else loser
+
+
+def _filled_mask(filled: ArrayLike | None, n_rows: int) -> NDArray[np.bool_]:
+    mask = np.ones(n_rows, dtype=bool) if filled is None else np.asarray(filled, dtype=bool)
+    if mask.shape != (n_rows,):
+        raise ValueError(f"filled must have shape ({n_rows},), got {mask.shape}")
+    if not mask.any():
+        raise ValueError("the archive is empty: no parent can be drawn")
+    return mask
+
+
+def _normalise(weights: NDArray[np.float64], fallback: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """``weights / sum``; uniform over ``fallback`` when every weight is 0."""
+    total = float(weights.sum())
+    if total > 0.0:
+        return weights / total
+    return fallback / float(fallback.sum())
+
+
+def parent_a_probabilities(
+    scores: ArrayLike,
+    alpha: float = 1.0,
+    capacity: ArrayLike | None = None,
+    filled: ArrayLike | None = None,
+) -> NDArray[np.float64]:
+    """``p(A = i)`` proportional to shared fitness over the archive (child not there yet).
+
+    ``filled`` marks the slots that hold a model (default: all rows). If every filled member has
+    fitness 0 (nobody solves anything) A is uniform over the filled slots.
+    """
+    matrix = _matrix(scores)
+    mask = _filled_mask(filled, matrix.shape[0])
+    fitness = np.where(mask, shared_fitness(matrix, alpha, capacity), 0.0)
+    return _normalise(fitness, mask)
+
+
+def parent_b_probabilities(
+    scores: ArrayLike,
+    parent_index: int,
+    alpha: float = 1.0,
+    capacity: ArrayLike | None = None,
+    filled: ArrayLike | None = None,
+) -> NDArray[np.float64]:
+    """``p(B = k | A)`` proportional to :func:`attraction`.
+
+    When every attraction is 0 (``A`` is at least as good as everyone on every example) the
+    official code divides 0 by 0; here B is drawn proportional to shared fitness over the other
+    filled members instead (uniform over them if those are all 0 too), and B = A only when A is
+    the archive's only member.
+    """
+    matrix = _matrix(scores)
+    mask = _filled_mask(filled, matrix.shape[0])
+    pull = np.where(mask, attraction(matrix, parent_index, alpha, capacity), 0.0)
+    if float(pull.sum()) > 0.0:
+        return pull / float(pull.sum())
+    others = mask.copy()
+    others[parent_index] = False
+    if not others.any():
+        alone = np.zeros(matrix.shape[0])
+        alone[parent_index] = 1.0
+        return alone
+    fitness = np.where(others, shared_fitness(matrix, alpha, capacity), 0.0)
+    return _normalise(fitness, others)
+
+
+def draw_index(rng: np.random.Generator, probabilities: ArrayLike) -> int:
+    """One index drawn with the given probabilities, from exactly one ``rng.random()`` call.
+
+    Inverse-CDF sampling, written out so the stream a seed gives is fixed and an index with
+    probability 0 can never come out (not even when rounding puts ``u * total`` at the end).
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    cumulative = np.cumsum(p)
+    index = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+    return min(index, int(np.flatnonzero(p > 0.0)[-1]))
+
+
+def draw_parents(
+    scores: ArrayLike,
+    rng: np.random.Generator,
+    alpha: float = 1.0,
+    capacity: ArrayLike | None = None,
+    filled: ArrayLike | None = None,
+    use_attraction: bool = True,
+) -> tuple[int, int]:
+    """Draw the rows of parent A and parent B (two ``rng.random()`` calls, A first).
+
+    With ``use_attraction=False`` (the paper's ablation) A and B are i.i.d. proportional to
+    shared fitness, with replacement, so A = B is possible.
+    """
+    p_a = parent_a_probabilities(scores, alpha, capacity, filled)
+    a = draw_index(rng, p_a)
+    if use_attraction:
+        p_b = parent_b_probabilities(scores, a, alpha, capacity, filled)
+    else:
+        p_b = p_a
+    return a, draw_index(rng, p_b)

@@ -1,0 +1,149 @@
+"""The ``m2n2 evolve`` config: a mergekit config (the seeds), an lm-eval fitness, a search.
+
+Validated like mergekit validates its own YAML (pydantic, unknown keys rejected), so a typo is
+an error, not a silently ignored setting. Example::
+
+    mergekit_config: seeds.yml        # an existing mergekit config, used as-is
+    fitness:
+      tasks: [gsm8k]
+      metric: exact_match
+      filter: strict-match
+      fitness_docs: 200               # the first 200 documents of each task
+      heldout_docs: 200               # the next 200, reported, never optimised
+      batch_size: 16
+    search:
+      n_trials: 500
+      archive_size: 20
+      seed: 0
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel
+from pydantic import ConfigDict
+from pydantic import Field
+from pydantic import ValidationError
+from pydantic import field_validator
+
+from m2n2_plugin.errors import M2N2Error
+
+DocSpec = int | list[int] | dict[str, list[int]]
+
+
+class FitnessConfig(BaseModel):
+    """Which lm-eval tasks, metric and documents give the per-document scores."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] = Field(min_length=1)
+    metric: str
+    filter: str | None = None
+    include_path: str | None = None
+    include_defaults: bool | None = None
+    fitness_docs: DocSpec
+    heldout_docs: DocSpec | None = None
+    # lm-eval's own evaluation options, under lm-eval's names.
+    num_fewshot: int | None = Field(default=None, ge=0)
+    batch_size: int | Literal["auto"] = 8
+    device: str = "cpu"
+    # torch CPU threads for this process; None keeps torch's default. 1 is fastest for tiny
+    # models and when several workers share a machine (threads oversubscribe the cores).
+    num_threads: int | None = Field(default=None, ge=1)
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    gen_kwargs: dict[str, Any] | None = None
+    apply_chat_template: bool | str = False
+    system_instruction: str | None = None
+    fewshot_as_multiturn: bool = False
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _one_task(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("fitness_docs")
+    @classmethod
+    def _some_docs(cls, v: DocSpec) -> DocSpec:
+        if (isinstance(v, int) and v < 1) or (not isinstance(v, int) and len(v) == 0):
+            raise ValueError("the fitness set is empty")
+        return v
+
+
+class SearchConfig(BaseModel):
+    """The M2N2 search and where the Optuna study lives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_trials: int = Field(default=100, ge=1)
+    archive_size: int = Field(default=20, ge=2)
+    alpha: float = 1.0
+    seed: int | None = 0
+    use_attraction: bool = True
+    use_split_point: bool = True
+    granularity: Literal["element", "layer"] = "element"
+    storage: str | None = None
+    study_name: str = "m2n2"
+    heartbeat_interval: int | None = Field(default=60, ge=1)
+
+
+class EvolveConfig(BaseModel):
+    """The whole ``m2n2 evolve`` config file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mergekit_config: str | dict[str, Any]
+    fitness: FitnessConfig
+    search: SearchConfig = SearchConfig()
+    output_dir: str | None = None
+
+    # Where relative paths in this config are resolved from (the config file's folder).
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    def resolve(self, path: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {where!r}"
+    return f"{where}: {err['msg']}"
+
+
+def load_yaml(path: Path, what: str) -> Any:
+    """Read YAML safely (no Python tags), with one-line errors."""
+    if not path.is_file():
+        raise M2N2Error(f"{what} {str(path)!r} not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise M2N2Error(f"{what} {str(path)!r} is not valid YAML{where}") from exc
+
+
+def parse_config(data: Any, base_dir: Path, source: str = "config") -> EvolveConfig:
+    """Validate a config mapping; paths inside are resolved against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise M2N2Error(f"{source} must be a YAML mapping with mergekit_config, fitness, search")
+    try:
+        cfg = EvolveConfig.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as exc:
+        raise M2N2Error(f"{source}: {_first_error(exc)}") from exc
+    return cfg
+
+
+def load_config(path: str | Path) -> EvolveConfig:
+    """Read and validate an ``m2n2 evolve`` config file."""
+    p = Path(path)
+    data = load_yaml(p, "config file")
+    if isinstance(data, dict) and "base_dir" in data:
+        raise M2N2Error(f"{p}: unknown key 'base_dir'")
+    return parse_config(data, p.resolve().parent, source=str(p))

@@ -1,0 +1,243 @@
+"""lm-eval as the fitness: one score per document, straight from lm-eval's logged samples.
+
+M2N2 needs a score per fitness example (the columns of its archive matrix), not a task's mean.
+lm-eval already computes that: with ``log_samples=True`` every (document, filter) row carries its
+metric. We load the tasks once (:class:`lm_eval.tasks.TaskManager`), keep the task objects, and
+call :func:`lm_eval.evaluator.evaluate` on the resident in-memory model for each child, asking
+only for the chosen documents (``samples={task: ids}``). Loading the tasks once avoids
+re-reading the datasets on every trial.
+
+The score vector is the concatenation, in the order of ``tasks``, of each task's documents in
+the order of their ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from m2n2_plugin.errors import M2N2Error
+
+
+@dataclass(frozen=True)
+class DocSet:
+    """Which documents of which tasks: ``{task: [doc ids]}``, in a fixed order."""
+
+    ids: dict[str, list[int]]
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.ids.values())
+
+    def labels(self) -> list[str]:
+        """``task:doc_id`` for every position of the score vector."""
+        return [f"{task}:{i}" for task, ids in self.ids.items() for i in ids]
+
+
+def _silent_tqdm(*args: Any, **kwargs: Any) -> Any:
+    from tqdm import tqdm
+
+    kwargs["disable"] = True
+    return tqdm(*args, **kwargs)
+
+
+def _quiet_lm_eval() -> None:
+    """Silence lm-eval's per-call logging and progress bars.
+
+    lm-eval logs at INFO and draws progress bars for every request batch; one evaluation per
+    trial would drown the evolve progress bar. Its modules import ``tqdm`` by name, so we point
+    those names at a disabled bar (lm-eval offers no switch for this through ``evaluate``).
+    """
+    import lm_eval.api.task
+    import lm_eval.models.huggingface
+
+    lm_eval.api.task.tqdm = _silent_tqdm  # type: ignore[attr-defined]
+    lm_eval.models.huggingface.tqdm = _silent_tqdm  # type: ignore[attr-defined]
+    for name in ("lm-eval", "lm_eval", "lm_eval.evaluator", "lm_eval.models.huggingface"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    datasets.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def resolve_doc_ids(spec: int | Sequence[int] | Mapping[str, Sequence[int]] | None,
+                    tasks: Sequence[str], sizes: Mapping[str, int], what: str,
+                    start: Mapping[str, int] | None = None) -> dict[str, list[int]]:
+    """Turn a fitness/held-out spec into explicit ids per task, checking they exist.
+
+    ``int n``: n documents per task, starting at ``start[task]`` (0 for the fitness set, the end
+    of the fitness set for the held-out set); a list: the same ids for every task; a mapping:
+    ids per task. ``None``: no documents.
+    """
+    if spec is None:
+        return {}
+    out: dict[str, list[int]] = {}
+    for task in tasks:
+        if isinstance(spec, Mapping):
+            if task not in spec:
+                continue
+            ids = [int(i) for i in spec[task]]
+        elif isinstance(spec, int):
+            first = (start or {}).get(task, 0)
+            ids = list(range(first, min(first + spec, sizes[task])))
+        else:
+            ids = [int(i) for i in spec]
+        bad = [i for i in ids if not 0 <= i < sizes[task]]
+        if bad:
+            raise M2N2Error(
+                f"{what} document id {bad[0]} does not exist in task {task!r} "
+                f"({sizes[task]} documents)"
+            )
+        if len(set(ids)) != len(ids):
+            raise M2N2Error(f"{what} documents of task {task!r} list an id twice")
+        if ids:
+            out[task] = ids
+    if isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - set(tasks))
+        if unknown:
+            raise M2N2Error(f"{what} names task {unknown[0]!r}, which is not in fitness.tasks")
+    return out
+
+
+class LmEvalFitness:
+    """Per-document scores of an in-memory model on lm-eval tasks.
+
+    Args:
+        tasks: lm-eval task names (built-in, or defined in ``include_path``).
+        metric: the per-document metric, e.g. ``exact_match`` or ``acc``.
+        filter: the filter whose output is scored (``strict-match``, ``none``, ...); None picks
+            the task's only filter and fails if there are several.
+        include_path: a folder of task YAMLs. With it, lm-eval's built-in tasks are not indexed
+            unless ``include_defaults`` (indexing them costs 10-20 s).
+        options: lm-eval evaluation options passed through (``num_fewshot``, ``gen_kwargs``,
+            ``apply_chat_template``, ``system_instruction``, ``fewshot_as_multiturn``).
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        metric: str,
+        filter: str | None = None,
+        include_path: str | None = None,
+        include_defaults: bool | None = None,
+        num_fewshot: int | None = None,
+        gen_kwargs: Mapping[str, Any] | None = None,
+        apply_chat_template: bool | str = False,
+        system_instruction: str | None = None,
+        fewshot_as_multiturn: bool = False,
+        fewshot_seed: int = 1234,
+    ) -> None:
+        _quiet_lm_eval()
+        from lm_eval.tasks import TaskManager
+
+        if include_defaults is None:
+            include_defaults = include_path is None
+        if include_path is not None and not os.path.isdir(include_path):
+            raise M2N2Error(f"fitness.include_path {include_path!r} is not a folder")
+        manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
+        known = set(manager.all_tasks)
+        for name in tasks:
+            if name not in known:
+                hint = "" if include_defaults else " (built-in tasks are not indexed: "
+                hint += "" if include_defaults else "set fitness.include_defaults: true)"
+                raise M2N2Error(f"unknown lm-eval task {name!r}{hint}")
+        try:
+            self._loaded = manager.load(list(tasks))
+        except Exception as exc:  # lm-eval raises many kinds; the user needs the message
+            raise M2N2Error(f"could not load lm-eval task(s) {list(tasks)}: {exc}") from exc
+        self.tasks = list(tasks)
+        self.metric = metric
+        self.options = {
+            "apply_chat_template": apply_chat_template,
+            "system_instruction": system_instruction,
+            "fewshot_as_multiturn": fewshot_as_multiturn,
+        }
+        self.sizes: dict[str, int] = {}
+        self.filters: dict[str, str] = {}
+        for name in self.tasks:
+            task = self._loaded["tasks"].get(name)
+            if task is None:
+                raise M2N2Error(f"lm-eval task {name!r} is a group; list its member tasks instead")
+            metrics = [m["metric"] for m in (task.config.metric_list or [])]
+            if not metrics:
+                metrics = list(task._metric_fn_list)
+            if metric not in metrics:
+                raise M2N2Error(
+                    f"task {name!r} has no per-document metric {metric!r} (it has {metrics})"
+                )
+            filters = [f["name"] for f in (task.config.filter_list or [])] or ["none"]
+            chosen = filter if filter is not None else filters[0]
+            if filter is None and len(filters) > 1:
+                raise M2N2Error(f"task {name!r} has filters {filters}: set fitness.filter")
+            if chosen not in filters:
+                raise M2N2Error(f"task {name!r} has no filter {chosen!r} (it has {filters})")
+            self.filters[name] = chosen
+            if task.get_config("output_type") == "generate_until" and gen_kwargs:
+                task.set_config(key="generation_kwargs", value=dict(gen_kwargs), update=True)
+            if num_fewshot is not None:
+                task.set_config(key="num_fewshot", value=num_fewshot)
+            elif task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=fewshot_seed)
+            self.sizes[name] = len(list(task.eval_docs))
+
+    def generation_settings(self) -> dict[str, Any]:
+        """The effective generation settings per task (logged with the study)."""
+        out = {}
+        for name in self.tasks:
+            task = self._loaded["tasks"][name]
+            out[name] = {
+                "output_type": task.get_config("output_type"),
+                "generation_kwargs": task.get_config("generation_kwargs"),
+                "num_fewshot": task.get_config("num_fewshot"),
+                "filter": self.filters[name],
+                "metric": self.metric,
+            }
+        return out
+
+    def score(self, lm: Any, docs: DocSet) -> np.ndarray:
+        """Evaluate ``lm`` on ``docs`` and return one score in [0, 1] per document."""
+        from lm_eval.evaluator import evaluate
+
+        wanted = {task: ids for task, ids in docs.ids.items() if ids}
+        sub = {
+            "tasks": {t: self._loaded["tasks"][t] for t in wanted},
+            "groups": {},
+            "group_map": {},
+        }
+        res = evaluate(
+            lm,
+            sub,
+            samples=wanted,
+            log_samples=True,
+            bootstrap_iters=0,
+            verbosity="ERROR",
+            **self.options,
+        )
+        out: list[float] = []
+        for task, ids in wanted.items():
+            by_id: dict[int, float] = {}
+            for row in res["samples"][task]:
+                if row["filter"] == self.filters[task]:
+                    by_id[int(row["doc_id"])] = float(row[self.metric])
+            for i in ids:
+                if i not in by_id:
+                    raise M2N2Error(f"lm-eval returned no {self.metric} for {task} document {i}")
+                value = by_id[i]
+                if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+                    raise M2N2Error(
+                        f"{task} document {i} scored {value!r}: per-document scores must lie "
+                        f"in [0, 1] (pick a metric such as exact_match or acc)"
+                    )
+                out.append(value)
+        return np.asarray(out, dtype=np.float64)

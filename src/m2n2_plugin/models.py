@@ -1,0 +1,168 @@
+"""Seed models from a mergekit config, and reading/writing model tensors on disk.
+
+The seeds are the models an existing mergekit config names; we resolve them the way a user
+expects (a local folder, relative to the mergekit config or to the working directory, else a
+Hugging Face repo id fetched by ``huggingface_hub`` when the hub is reachable) and check up
+front that they can be merged at all: same architecture, same tensor names and shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save_file
+
+from m2n2_plugin.errors import M2N2Error
+
+# Keys of a mergekit config that carry into every m2n2 merge of the lineage.
+CARRIED_KEYS = ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
+
+
+@dataclass(frozen=True)
+class Seed:
+    """One initial archive member: the name the mergekit config uses and its local folder."""
+
+    name: str
+    path: Path
+
+
+def _resolve_model(name: str, base_dirs: list[Path]) -> Path:
+    for base in base_dirs:
+        p = Path(name).expanduser()
+        p = p if p.is_absolute() else base / p
+        if p.is_dir():
+            return p.resolve()
+    if Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
+        raise M2N2Error(f"model {name!r} not found (no such folder)")
+    try:  # a Hugging Face repo id, as mergekit accepts
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]
+            )
+        )
+    except Exception as exc:  # offline, unknown repo, auth...
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise M2N2Error(
+            f"model {name!r} not found: not a local folder, and the Hugging Face hub "
+            f"could not provide it ({msg})"
+        ) from exc
+
+
+def seeds_from_mergekit(data: dict[str, Any], base_dir: Path) -> tuple[list[Seed], dict[str, Any]]:
+    """The seed models of a mergekit config (in order, each once) and the carried settings."""
+    from mergekit.config import MergeConfiguration
+    from pydantic import ValidationError
+
+    try:
+        mc = MergeConfiguration.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise M2N2Error(f"mergekit_config is not a valid mergekit config: {where}: {err['msg']}")
+    names: list[str] = []
+    if mc.models:
+        names = [str(m.model.model.path) for m in mc.models]
+    elif mc.slices:
+        names = [str(s.model.model.path) for sl in mc.slices for s in sl.sources]
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise M2N2Error("mergekit_config names no models (need `models:` or `slices:`)")
+    dirs = [base_dir, Path.cwd()]
+    seeds = [Seed(name, _resolve_model(name, dirs)) for name in names]
+    carried = {k: data[k] for k in CARRIED_KEYS if data.get(k) is not None}
+    if isinstance(carried.get("tokenizer_source"), str) and carried["tokenizer_source"] not in (
+        "base",
+        "union",
+    ):
+        carried["tokenizer_source"] = str(_resolve_model(carried["tokenizer_source"], dirs))
+    if mc.base_model is not None:
+        carried["base_model"] = str(_resolve_model(str(mc.base_model.model.path), dirs))
+    return seeds, carried
+
+
+def tensor_files(path: Path) -> list[Path]:
+    """The safetensors files of a model folder (one file or an index of shards)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(path.glob("*.safetensors"))
+    if not found:
+        raise M2N2Error(f"model {str(path)!r} has no safetensors weights")
+    return found
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors headers, without reading the weights."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in tensor_files(path) if path.is_dir() else [path]:
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                shapes[k] = tuple(fh.get_slice(k).get_shape())
+    return shapes
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a model folder or of one safetensors file."""
+    out: dict[str, torch.Tensor] = {}
+    for f in tensor_files(path) if path.is_dir() else [path]:
+        out.update(load_file(str(f)))
+    return out
+
+
+def check_compatible(seeds: list[Seed]) -> dict[str, tuple[int, ...]]:
+    """Fail with one line unless every seed has the same architecture, tensors and shapes."""
+    first = seeds[0]
+    archs = {}
+    for s in seeds:
+        cfg = s.path / "config.json"
+        if not cfg.is_file():
+            raise M2N2Error(f"model {s.name!r} has no config.json")
+        archs[s.name] = json.loads(cfg.read_text()).get("architectures")
+    shapes0 = tensor_shapes(first.path)
+    for s in seeds[1:]:
+        if archs[s.name] != archs[first.name]:
+            raise M2N2Error(
+                f"models {first.name!r} and {s.name!r} have different architectures "
+                f"({archs[first.name]} vs {archs[s.name]})"
+            )
+        shapes = tensor_shapes(s.path)
+        missing = sorted(set(shapes0) ^ set(shapes))
+        if missing:
+            raise M2N2Error(
+                f"models {first.name!r} and {s.name!r} have different tensors "
+                f"(e.g. {missing[0]!r} is in only one)"
+            )
+        for k, shape in shapes0.items():
+            if shapes[k] != shape:
+                raise M2N2Error(
+                    f"models {first.name!r} and {s.name!r} have different shapes for {k!r}: "
+                    f"{shape} vs {shapes[k]}"
+                )
+    return shapes0
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors file so that a crash never leaves a partial file at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

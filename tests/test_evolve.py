@@ -1,0 +1,293 @@
+"""`m2n2 evolve` end to end on tiny generated models and local lm-eval tasks (offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from m2n2_plugin.errors import M2N2Error
+from m2n2_plugin.example import build_model
+from m2n2_plugin.example import build_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+MC_TASK = """\
+task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+GSM_TASK = """\
+task: tiny_gsm
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 4
+  do_sample: false
+filter_list:
+  - name: strict-match
+    filter:
+      - function: regex
+        regex_pattern: "#### (\\\\-?[0-9\\\\.\\\\,]+)"
+      - function: take_first
+  - name: flexible-extract
+    filter:
+      - function: regex
+        group_select: -1
+        regex_pattern: "(-?[$0-9.,]{{2,}})|(-?[0-9]+)"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two random tiny Llamas (same shape), a log-likelihood task and a GSM8k-format task."""
+    root = tmp_path_factory.mktemp("evolve")
+    tok = build_tokenizer()
+    for i in range(3):
+        model = build_model(len(tok), seed=100 + i, hidden=32)
+        model.save_pretrained(root / f"m{i}", safe_serialization=True)
+        tok.save_pretrained(root / f"m{i}")
+    other = build_model(len(tok), seed=7, hidden=48)  # a different shape
+    other.save_pretrained(root / "wide", safe_serialization=True)
+    tok.save_pretrained(root / "wide")
+    rng = random.Random(0)
+    mc = []
+    for _ in range(40):
+        word = "".join(rng.choice("abcdefgh") for _ in range(3))
+        choices = [word[::-1], word, word[1:] + word[0], "".join(sorted(word))]
+        mc.append({"question": f"reverse {word}", "choices": choices, "label": 0})
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    (tasks / "mc.yaml").write_text(MC_TASK.format(data=tasks / "mc.jsonl"))
+    gsm = [
+        {"question": f"{a}+{b}", "answer": f"{a} plus {b}\n#### {a + b}"}
+        for a, b in [(1, 2), (3, 4), (5, 1), (2, 2), (7, 1), (4, 4)]
+    ]
+    (tasks / "gsm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm))
+    (tasks / "gsm.yaml").write_text(GSM_TASK.format(data=tasks / "gsm.jsonl"))
+    (root / "seeds.yml").write_text(
+        "merge_method: slerp\nbase_model: m0\nmodels:\n  - model: m0\n  - model: m1\n"
+        "  - model: m2\nparameters:\n  t: 0.5\ndtype: float32\n"
+    )
+    return root
+
+
+def write_config(root: Path, name: str, **overrides: object) -> Path:
+    cfg: dict = {
+        "mergekit_config": "seeds.yml",
+        "fitness": {
+            "include_path": "tasks",
+            "tasks": ["tiny_mc"],
+            "metric": "acc",
+            "fitness_docs": 30,
+            "heldout_docs": 10,
+            "batch_size": 16,
+            "num_threads": 1,
+        },
+        "search": {"n_trials": 10, "archive_size": 4, "seed": 0, "heartbeat_interval": None},
+        "output_dir": f"out-{name}",
+    }
+    for key, value in overrides.items():
+        section, _, field = key.partition("__")
+        if field:
+            cfg[section][field] = value
+        else:
+            cfg[section] = value
+    path = root / f"{name}.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_loop_archive_invariants_and_outputs(workspace: Path) -> None:
+    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.evolve import member_file
+
+    run = evolve(write_config(workspace, "main", search__n_trials=14), progress=False)
+    arch = run.sampler.archive(run.study)
+    assert 1 <= len(arch.members) <= 4
+    assert len(set(arch.members)) == len(arch.members)
+    assert arch.scores.shape == (len(arch.members), 30)
+    # Files exist exactly for the children in the archive (seeds stay in their own folders).
+    seeds = {t.number for t in run.study.trials if "m2n2.seed" in t.user_attrs}
+    assert seeds == {0, 1, 2}
+    children = [m for m in arch.members if m not in seeds]
+    on_disk = sorted(int(p.stem.split("_")[1]) for p in (run.out / "archive").glob("*.safetensors"))
+    assert on_disk == sorted(children)
+    for m in children:
+        assert member_file(run.out, m).is_file()
+    # Every child names its parents, and its mean score is what the sampler holds.
+    for t in run.study.trials:
+        if t.number not in seeds:
+            assert set(t.params) == {"mix_ratio", "split_point"}
+            assert len(t.user_attrs["m2n2.parents"]) == 2
+    best = run.out / "best"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "lineage.yml"):
+        assert (best / name).is_file(), name
+    card = (best / "README.md").read_text()
+    assert "m0" in card and "m1" in card and "Held-out" in card
+    summary = json.loads((run.out / "summary.json").read_text())
+    assert summary["best_trial"] in arch.members
+    assert (run.out / "plots" / "fitness.png").stat().st_size > 1000
+    assert (run.out / "plots" / "coverage.png").stat().st_size > 1000
+    log = (run.out / "trials.log").read_text().splitlines()
+    assert len(log) == 14 and log[3].startswith("trial 3: child of")
+
+
+def test_resume_continues_the_same_study(workspace: Path) -> None:
+    from m2n2_plugin.evolve import evolve
+
+    cfg = write_config(workspace, "resume", search__n_trials=6)
+    first = evolve(cfg, progress=False)
+    before = [(t.number, t.params, t.value) for t in first.study.trials]
+    again = evolve(cfg, n_trials=9, progress=False)
+    after = [(t.number, t.params, t.value) for t in again.study.trials]
+    assert len(after) == 9
+    assert after[:6] == before
+    assert again.study.study_name == first.study.study_name
+    # A different fitness set is refused rather than silently mixed into the old study.
+    changed = write_config(workspace, "resume", fitness__fitness_docs=20, search__n_trials=6)
+    with pytest.raises(M2N2Error, match="different"):
+        evolve(changed, progress=False)
+
+
+def test_lineage_yaml_rebuilds_the_best_model(workspace: Path, tmp_path: Path) -> None:
+    from m2n2_plugin.evolve import evolve
+
+    run = evolve(write_config(workspace, "lineage", search__n_trials=16), progress=False)
+    lineage = run.out / "best" / "lineage.yml"
+    docs = [d for d in yaml.safe_load_all(lineage.read_text()) if d]
+    if not docs:
+        pytest.skip("the best model is a seed in this run")
+    assert all(d["merge_method"] == "m2n2" for d in docs)
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "mergekit.scripts.multimerge", str(lineage),
+            "--intermediate-dir", str(tmp_path / "work"), "--out-path", str(tmp_path / "rebuilt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rebuilt = load_file(str(tmp_path / "rebuilt" / "model.safetensors"))
+    best = load_file(str(run.out / "best" / "model.safetensors"))
+    for name, tensor in rebuilt.items():
+        assert torch.equal(tensor, best[name]), name
+
+
+def test_gsm8k_format_generation_task(workspace: Path) -> None:
+    from m2n2_plugin.evolve import evolve
+
+    cfg = write_config(
+        workspace,
+        "gsm",
+        fitness={
+            "include_path": "tasks",
+            "tasks": ["tiny_gsm", "tiny_mc"],
+            "metric": "exact_match",
+            "filter": "strict-match",
+            "fitness_docs": {"tiny_gsm": [0, 1, 2, 3]},
+            "gen_kwargs": {"max_gen_toks": 3},
+        },
+        search={"n_trials": 4, "archive_size": 3, "heartbeat_interval": None},
+    )
+    # tiny_mc has no exact_match: the metric is checked per task before anything runs.
+    with pytest.raises(M2N2Error, match="tiny_mc.*exact_match"):
+        evolve(cfg, progress=False)
+    cfg = write_config(
+        workspace,
+        "gsm",
+        fitness={
+            "include_path": "tasks",
+            "tasks": ["tiny_gsm"],
+            "metric": "exact_match",
+            "filter": "strict-match",
+            "fitness_docs": [0, 1, 2, 3],
+            "heldout_docs": 2,
+            "gen_kwargs": {"max_gen_toks": 3},
+        },
+        search={"n_trials": 4, "archive_size": 3, "heartbeat_interval": None},
+    )
+    run = evolve(cfg, progress=False)
+    settings = run.study.user_attrs["m2n2.generation_settings"]["tiny_gsm"]
+    assert settings["generation_kwargs"]["max_gen_toks"] == 3
+    assert settings["filter"] == "strict-match"
+    assert len(run.study.trials) == 4
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The installed `m2n2` console script in a subprocess."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    exe = shutil.which("m2n2")
+    cmd = [exe] if exe else [sys.executable, "-m", "m2n2_plugin.cli"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+BAD_CONFIGS = [
+    ({"fitness__tasks": ["no_such_task"]}, "unknown lm-eval task 'no_such_task'"),
+    ({"fitness__filter": "no-such-filter"}, "no filter 'no-such-filter'"),
+    ({"fitness__metric": "f1"}, "no per-document metric 'f1'"),
+    ({"search__archive_sise": 3}, "unknown key 'search.archive_sise'"),
+    ({"search__archive_size": 1}, "search.archive_size: Input should be greater than or equal"),
+    ({"fitness__fitness_docs": []}, "the fitness set is empty"),
+    ({"mergekit_config": {"merge_method": "slerp", "models": [{"model": "nowhere"}]}},
+     "model 'nowhere' not found"),
+    ({"mergekit_config": {"merge_method": "slerp", "models": [{"model": "m0"}, {"model": "wide"}]}},
+     "different shapes"),
+    ({"mergekit_config": "no-such-file.yml"}, "mergekit_config"),
+    ({"fitness__fitness_docs": [0, 999]}, "document id 999 does not exist"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_CONFIGS)
+def test_bad_configs_give_one_line_errors(
+    workspace: Path, overrides: dict, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from m2n2_plugin.cli import main
+
+    name = f"bad{BAD_CONFIGS.index((overrides, message))}"
+    cfg = write_config(workspace, name, **overrides)
+    assert main(["evolve", str(cfg), "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("m2n2: error:"), lines
+    assert message in lines[0]
+    assert not (workspace / f"out-{name}").exists()  # nothing half-written
+
+
+def test_console_script_reports_a_bad_config_in_one_line(workspace: Path) -> None:
+    (workspace / "broken.yml").write_text("fitness: [unclosed\n")
+    proc = _cli("evolve", "broken.yml", cwd=workspace)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "m2n2: error: config file 'broken.yml' is not valid YAML (line 2)"
