@@ -5,9 +5,10 @@ cost of the registration hook. Prints the figures; not a test.
    folder outside the repository, default /tmp/m2n2-bench; weights are never committed) merged
    with ``merge_method: m2n2`` and with ``merge_method: slerp`` (same pair, same t), alternating,
    ``--repeats`` times each:
-   a. the real ``mergekit-yaml`` command, wall clock of the whole process;
+   a. the real ``mergekit-yaml`` command: wall clock and CPU time (user + system) of the process;
    b. ``mergekit.merge.run_merge`` in this process (no interpreter start-up in the figure).
-   The ratio m2n2 / slerp of the medians is printed; the target is <= 1.05.
+   The ratios m2n2 / slerp of the medians are printed; the target is <= 1.05. On a shared
+   machine, CPU time is the steadier figure: wall clock also measures the neighbours.
 2. Start-up: ``python -c pass`` with the ``.pth`` hook active and with it switched off
    (``M2N2_NO_AUTOLOAD=1``: the ``.pth`` line still runs but imports nothing), alternating,
    ``--startup-repeats`` times; and ``import mergekit.merge_methods`` with and without the
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -109,54 +111,92 @@ def alternate(runners: dict[str, Callable[[], float]], repeats: int) -> dict[str
     return times
 
 
-def bench_cli(configs: dict[str, dict], work: Path, repeats: int) -> dict[str, list[float]]:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(
+    run: Callable[[], None], cpu: Callable[[], float], sink: dict[str, list[float]], key: str
+) -> float:
+    """Run once; return wall seconds and record CPU seconds (user + system) under ``key``."""
+    cpu0, wall0 = cpu(), time.perf_counter()
+    run()
+    wall = time.perf_counter() - wall0
+    sink.setdefault(key, []).append(cpu() - cpu0)
+    return wall
+
+
+def report_pair(label: str, wall: dict[str, list[float]], cpu: dict[str, list[float]]) -> float:
+    """Print wall and CPU figures of m2n2 and slerp; return the CPU-time ratio."""
+    for name in ("m2n2", "slerp"):
+        print(f"{label} {name:5} wall: {_summary(wall[name])}  n={len(wall[name])}")
+        print(f"{label} {name:5} CPU : {_summary(cpu[name])}")
+    wall_ratio = statistics.median(wall["m2n2"]) / statistics.median(wall["slerp"])
+    cpu_ratio = statistics.median(cpu["m2n2"]) / statistics.median(cpu["slerp"])
+    print(
+        f"{label} ratio m2n2 / slerp: wall {wall_ratio:.3f}, CPU {cpu_ratio:.3f}  (target <= 1.05)"
+    )
+    return cpu_ratio
+
+
+Timings = tuple[dict[str, list[float]], dict[str, list[float]]]  # (wall, CPU) per method
+
+
+def bench_cli(configs: dict[str, dict], work: Path, repeats: int) -> Timings:
     import yaml
 
     exe = Path(sys.executable).with_name("mergekit-yaml")
     command = str(exe) if exe.exists() else "mergekit-yaml"
+    cpu: dict[str, list[float]] = {}
 
     def runner(name: str) -> Callable[[], float]:
         config_path = work / f"{name}.yml"
         config_path.write_text(yaml.safe_dump(configs[name]))
+        out = work / f"out-{name}"
+        args = [command, str(config_path), str(out), "--quiet", "--no-copy-tokenizer"]
 
         def run() -> float:
-            out = work / f"out-{name}"
             shutil.rmtree(out, ignore_errors=True)
-            start = time.perf_counter()
-            subprocess.run(
-                [command, str(config_path), str(out), "--quiet", "--no-copy-tokenizer"],
-                check=True,
-                capture_output=True,
+            return timed(
+                lambda: subprocess.run(args, check=True, capture_output=True),
+                _children_cpu,
+                cpu,
+                name,
             )
-            return time.perf_counter() - start
 
         return run
 
-    return alternate({name: runner(name) for name in configs}, repeats)
+    wall = alternate({name: runner(name) for name in configs}, repeats)
+    return wall, cpu
 
 
-def bench_in_process(configs: dict[str, dict], work: Path, repeats: int) -> dict[str, list[float]]:
+def bench_in_process(configs: dict[str, dict], work: Path, repeats: int) -> Timings:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions
     from mergekit.merge import run_merge
 
     options = MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False)
+    cpu: dict[str, list[float]] = {}
 
     def runner(name: str) -> Callable[[], float]:
+        out = work / f"mem-{name}"
+
         def run() -> float:
-            out = work / f"mem-{name}"
             shutil.rmtree(out, ignore_errors=True)
             config = MergeConfiguration.model_validate(configs[name])
-            start = time.perf_counter()
-            run_merge(config, str(out), options)
-            return time.perf_counter() - start
+            return timed(
+                lambda: run_merge(config, str(out), options), time.process_time, cpu, name
+            )
 
         return run
 
     runners = {name: runner(name) for name in configs}
     for run in runners.values():  # warm-up: page cache, lazy imports
         run()
-    return alternate(runners, repeats)
+    cpu.clear()
+    wall = alternate(runners, repeats)
+    return wall, cpu
 
 
 def bench_startup(repeats: int) -> dict[str, list[float]]:
@@ -197,11 +237,11 @@ def hook_is_installed() -> bool:
     return result.stdout.strip() == "True"
 
 
-def import_time_us() -> int:
-    """Self+children import time of m2n2_plugin at start-up, from ``-X importtime``."""
+def import_time_us(code: str, module: str) -> int:
+    """Cumulative import time (us) of ``module`` while running ``code``, from -X importtime."""
     env = {k: v for k, v in os.environ.items() if k != "M2N2_NO_AUTOLOAD"}
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "pass"],
+        [sys.executable, "-X", "importtime", "-c", code],
         capture_output=True,
         text=True,
         env=env,
@@ -209,7 +249,7 @@ def import_time_us() -> int:
     )
     for line in result.stderr.splitlines():
         fields = [f.strip() for f in line.split("|")]
-        if len(fields) == 3 and fields[2] == "m2n2_plugin":
+        if len(fields) == 3 and fields[2] == module:
             return int(fields[1])
     return -1
 
@@ -231,7 +271,16 @@ def main() -> None:
     if not args.skip_startup:
         print("\n== start-up cost of the registration hook ==")
         print(f"hook installed in this environment: {hook_is_installed()}")
-        print(f"-X importtime, m2n2_plugin at start-up: {import_time_us()} us")
+        samples = [import_time_us("pass", "m2n2_plugin") for _ in range(5)]
+        print(f"-X importtime, m2n2_plugin at start-up: median {statistics.median(samples)} us")
+        samples = [
+            import_time_us("import mergekit.merge_methods", "m2n2_plugin.merge_method")
+            for _ in range(3)
+        ]
+        print(
+            "-X importtime, registering m2n2 when mergekit.merge_methods is imported "
+            f"(m2n2_plugin.merge_method): median {statistics.median(samples) / 1000:.0f} ms"
+        )
         startup = bench_startup(args.startup_repeats)
         for name, times in startup.items():
             print(f"python -c {name}: {_summary(times)}  n={len(times)}")
@@ -240,7 +289,7 @@ def main() -> None:
         print(f"python -c pass, hook on - off (medians): {delta * 1000:+.1f} ms")
         keys = list(startup)[2:]
         reg = statistics.median(startup[keys[0]]) - statistics.median(startup[keys[1]])
-        print(f"import mergekit.merge_methods, registering m2n2 costs: {reg * 1000:+.0f} ms")
+        print(f"import mergekit.merge_methods, with - without m2n2: {reg * 1000:+.0f} ms")
         report["startup"] = startup
 
     if not args.skip_merge:
@@ -254,15 +303,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
             work = Path(tmp)
             cli = bench_cli(configs, work, args.repeats)
-            for name, times in cli.items():
-                print(f"mergekit-yaml {name:5}: {_summary(times)}  n={len(times)}")
-            ratio = statistics.median(cli["m2n2"]) / statistics.median(cli["slerp"])
-            print(f"mergekit-yaml ratio m2n2 / slerp: {ratio:.3f}  (target <= 1.05)")
+            report_pair("mergekit-yaml", *cli)
             mem = bench_in_process(configs, work, args.repeats)
-            for name, times in mem.items():
-                print(f"run_merge     {name:5}: {_summary(times)}  n={len(times)}")
-            ratio_mem = statistics.median(mem["m2n2"]) / statistics.median(mem["slerp"])
-            print(f"run_merge ratio m2n2 / slerp: {ratio_mem:.3f}  (target <= 1.05)")
+            report_pair("run_merge    ", *mem)
         report.update(n_params=n_params, dtype=args.dtype, cli=cli, in_process=mem)
 
     if args.json:

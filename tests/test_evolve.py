@@ -144,7 +144,9 @@ def test_loop_archive_invariants_and_outputs(workspace: Path) -> None:
     seeds = {t.number for t in run.study.trials if "m2n2.seed" in t.user_attrs}
     assert seeds == {0, 1, 2}
     children = [m for m in arch.members if m not in seeds]
-    on_disk = sorted(int(p.stem.split("_")[1]) for p in (run.out / "archive").glob("*.safetensors"))
+    on_disk = sorted(
+        int(p.stem.split("_")[1]) for p in (run.out / "archive").glob("*.safetensors")
+    )
     assert on_disk == sorted(children)
     for m in children:
         assert member_file(run.out, m).is_file()
@@ -194,8 +196,14 @@ def test_lineage_yaml_rebuilds_the_best_model(workspace: Path, tmp_path: Path) -
     assert all(d["merge_method"] == "m2n2" for d in docs)
     proc = subprocess.run(
         [
-            sys.executable, "-m", "mergekit.scripts.multimerge", str(lineage),
-            "--intermediate-dir", str(tmp_path / "work"), "--out-path", str(tmp_path / "rebuilt"),
+            sys.executable,
+            "-m",
+            "mergekit.scripts.multimerge",
+            str(lineage),
+            "--intermediate-dir",
+            str(tmp_path / "work"),
+            "--out-path",
+            str(tmp_path / "rebuilt"),
         ],
         capture_output=True,
         text=True,
@@ -262,10 +270,19 @@ BAD_CONFIGS = [
     ({"search__archive_sise": 3}, "unknown key 'search.archive_sise'"),
     ({"search__archive_size": 1}, "search.archive_size: Input should be greater than or equal"),
     ({"fitness__fitness_docs": []}, "the fitness set is empty"),
-    ({"mergekit_config": {"merge_method": "slerp", "models": [{"model": "nowhere"}]}},
-     "model 'nowhere' not found"),
-    ({"mergekit_config": {"merge_method": "slerp", "models": [{"model": "m0"}, {"model": "wide"}]}},
-     "different shapes"),
+    (
+        {"mergekit_config": {"merge_method": "slerp", "models": [{"model": "nowhere"}]}},
+        "model 'nowhere' not found",
+    ),
+    (
+        {
+            "mergekit_config": {
+                "merge_method": "slerp",
+                "models": [{"model": "m0"}, {"model": "wide"}],
+            }
+        },
+        "different shapes",
+    ),
     ({"mergekit_config": "no-such-file.yml"}, "mergekit_config"),
     ({"fitness__fitness_docs": [0, 999]}, "document id 999 does not exist"),
 ]
@@ -290,4 +307,47 @@ def test_console_script_reports_a_bad_config_in_one_line(workspace: Path) -> Non
     (workspace / "broken.yml").write_text("fitness: [unclosed\n")
     proc = _cli("evolve", "broken.yml", cwd=workspace)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "m2n2: error: config file 'broken.yml' is not valid YAML (line 2)"
+    assert (
+        proc.stderr.strip() == "m2n2: error: config file 'broken.yml' is not valid YAML (line 2)"
+    )
+
+
+def test_existing_slerp_and_ties_configs_work_unchanged(workspace: Path) -> None:
+    from m2n2_plugin.models import seeds_from_mergekit
+
+    slices = yaml.safe_load(
+        """
+        slices:
+          - sources:
+              - model: m0
+                layer_range: [0, 2]
+              - model: m1
+                layer_range: [0, 2]
+        merge_method: slerp
+        base_model: m0
+        parameters:
+          t: [0, 0.5, 0.3, 0.7, 1]
+        dtype: bfloat16
+        """
+    )
+    seeds, carried = seeds_from_mergekit(slices, workspace)
+    assert [s.name for s in seeds] == ["m0", "m1"]
+    assert carried["dtype"] == "bfloat16" and carried["base_model"] == str(workspace / "m0")
+    ties = yaml.safe_load(
+        """
+        models:
+          - model: m0
+            parameters: {density: 0.5, weight: 0.5}
+          - model: m1
+            parameters: {density: 0.5, weight: 0.5}
+        merge_method: ties
+        base_model: m2
+        parameters: {normalize: true}
+        dtype: float16
+        tokenizer_source: base
+        """
+    )
+    seeds, carried = seeds_from_mergekit(ties, workspace)
+    # The base model of a ties merge is not one of the models being merged: not a seed.
+    assert [s.path for s in seeds] == [workspace / "m0", workspace / "m1"]
+    assert carried["tokenizer_source"] == "base" and carried["dtype"] == "float16"

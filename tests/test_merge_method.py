@@ -34,9 +34,6 @@ from m2n2_plugin.merge_method import m2n2_merge_method
 from m2n2_plugin.merge_method import m2n2_merge_state_dicts
 from m2n2_plugin.merge_method import tensor_layout
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 LAYERS = 3
 
 

@@ -75,9 +75,7 @@ def load_groups(results: Path) -> list[Group]:
         for method_dir in sorted(p for p in run_dir.iterdir() if p.is_dir()):
             recs = [json.loads(f.read_text()) for f in sorted(method_dir.glob("seed*.json"))]
             if recs:
-                groups.append(
-                    Group(recs[0]["dataset"], recs[0]["setting"], method_dir.name, recs)
-                )
+                groups.append(Group(recs[0]["dataset"], recs[0]["setting"], method_dir.name, recs))
     groups.sort(key=lambda g: (g.dataset, g.setting, ORDER.index(g.method)))
     return groups
 
@@ -137,7 +135,7 @@ def speed_table(groups: list[Group]) -> str:
     """Wall time, children/s and time shares of the M2N2-family runs, per (setting, method)."""
     lines = [
         "| dataset, setting | method | runs | children | wall (s) | children/s "
-        "| sampler + Optuna | crossover + mutation | evaluation | logging |",
+        "| sampler + Optuna (CMA-ES: ask + tell) | crossover + mutation | evaluation | logging |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in groups:

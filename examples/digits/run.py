@@ -33,10 +33,10 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import field
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,8 +193,8 @@ def run_m2n2(
     nothing, so keep it cheap or expect the timings to include it).
     """
     import optuna
-
     from m2n2_plugin.hub import M2N2Sampler
+
     from m2n2_plugin.kernel import split_index
     from m2n2_plugin.kernel import split_slerp
 
@@ -259,8 +259,16 @@ def run_m2n2(
         if on_child is not None and parents is not None:
             on_child(
                 ChildInfo(
-                    trial, sampler, parents, w, s, params[parents[0]], params[parents[1]],
-                    child, noise.clone() if mutate else None, scores,
+                    trial,
+                    sampler,
+                    parents,
+                    w,
+                    s,
+                    params[parents[0]],
+                    params[parents[1]],
+                    child,
+                    noise.clone() if mutate else None,
+                    scores,
                 )
             )
         return float(scores.mean())

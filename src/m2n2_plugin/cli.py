@@ -76,8 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug or os.environ.get("M2N2_DEBUG"):
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"m2n2: error: {type(exc).__name__}: {first} (--debug for a traceback)",
-              file=sys.stderr)
+        print(
+            f"m2n2: error: {type(exc).__name__}: {first} (--debug for a traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

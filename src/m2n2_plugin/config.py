@@ -109,11 +109,18 @@ class EvolveConfig(BaseModel):
         return p if p.is_absolute() else (self.base_dir / p)
 
 
+_SECTIONS: dict[str, type[BaseModel]] = {"fitness": FitnessConfig, "search": SearchConfig}
+
+
 def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
+    # A misspelt key also makes the real key "missing": report the misspelling first.
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    err = errors[0]
     where = ".".join(str(p) for p in err["loc"]) or "config"
     if err["type"] == "extra_forbidden":
-        return f"unknown key {where!r}"
+        section = _SECTIONS.get(str(err["loc"][0])) if len(err["loc"]) > 1 else EvolveConfig
+        known = sorted(k for k in (section or EvolveConfig).model_fields if k != "base_dir")
+        return f"unknown key {where!r} (accepted: {', '.join(known)})"
     return f"{where}: {err['msg']}"
 
 

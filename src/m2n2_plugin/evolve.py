@@ -120,17 +120,6 @@ class Run:
             self._seed_cache[index] = tensors
         return self._seed_cache[index]
 
-    def archive_matrix(self) -> np.ndarray:
-        """The P x N score matrix the replacement rule sees (empty slots are zero rows)."""
-        arch = self.sampler.archive(self.study)
-        n = len(self.fitness_docs)
-        mat = np.zeros((self.cfg.search.archive_size, n))
-        rows = dict(zip(arch.members, arch.scores))
-        for slot, number in enumerate(arch.slots):
-            if number is not None:
-                mat[slot] = rows[number]
-        return mat
-
     def load_into_model(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy a state dict into the resident evaluation model, in place."""
         params = self.model.state_dict()
@@ -145,7 +134,6 @@ class Run:
 
     # ----------------------------------------------------------------- one trial
     def objective(self, trial: optuna.Trial) -> float:
-        from m2n2_plugin.hub import replace_index
         from m2n2_plugin.merge_method import m2n2_merge_state_dicts
 
         timing = TrialTiming()
@@ -188,7 +176,9 @@ class Run:
 
         if parents is not None:
             t0 = time.perf_counter()
-            slot = replace_index(self.archive_matrix(), scores, alpha=self.cfg.search.alpha)
+            # Keep the child's weights only if it enters the archive (exact with one worker;
+            # see Archive.entry_slot). A child that is not kept never touches the disk.
+            slot = self.sampler.archive(self.study).entry_slot(scores)
             timing.sampler += time.perf_counter() - t0
             if slot is not None:
                 t0 = time.perf_counter()
@@ -407,21 +397,29 @@ def evolve(
     total = n_trials or cfg.search.n_trials
     done = _count_done(run.study)
     log_path = run.out / "trials.log"
-    bar = tqdm(total=total, initial=min(done, total), desc="m2n2", unit="trial",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=min(done, total),
+        desc="m2n2",
+        unit="trial",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
 
     def after(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         arch = run.sync_files()
-        means = arch.scores.mean(axis=1) if len(arch.members) else np.zeros(1)
-        coverage = float(arch.scores.max(axis=0).mean()) if len(arch.members) else 0.0
+        means = arch.mean_scores if len(arch) else np.zeros(1)
+        coverage = arch.coverage
         attrs = frozen.user_attrs
         if "m2n2.seed" in attrs:
             what = f"seed {attrs['m2n2.model']}"
         elif "m2n2.parents" in attrs:
             a, b = attrs["m2n2.parents"]
             p = frozen.params
-            what = f"child of {a} x {b} (mix_ratio={p['mix_ratio']:.3f}, " \
-                   f"split_point={p['split_point']:.3f})"
+            what = (
+                f"child of {a} x {b} (mix_ratio={p['mix_ratio']:.3f}, "
+                f"split_point={p['split_point']:.3f})"
+            )
         else:
             what = "trial"
         value = "failed" if frozen.value is None else f"mean score {frozen.value:.4f}"
@@ -455,4 +453,3 @@ def evolve(
     run.sync_files()
     write_outputs(run)
     return run
-

@@ -49,9 +49,7 @@ def make_documents(skill: str, n: int, seed: int) -> list[dict[str, str]]:
     words: set[str] = set()
     while len(words) < n:
         words.add("".join(rng.choice(LETTERS) for _ in range(WORD_LEN)))
-    return [
-        {"question": f"{skill} {w}", "answer": apply_skill(skill, w)} for w in sorted(words)
-    ]
+    return [{"question": f"{skill} {w}", "answer": apply_skill(skill, w)} for w in sorted(words)]
 
 
 def split_documents(
@@ -146,7 +144,7 @@ def greedy_accuracy(model, tokenizer, docs: list[dict[str, str]]) -> float:
         **enc, max_new_tokens=WORD_LEN + 1, do_sample=False, pad_token_id=tokenizer.pad_token_id
     )
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return sum(t.strip() == d["answer"] for t, d in zip(texts, docs)) / len(docs)
+    return sum(t.strip() == d["answer"] for t, d in zip(texts, docs, strict=True)) / len(docs)
 
 
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
@@ -213,8 +211,14 @@ def build_example(folder: str | Path, n_trials: int = 60, quiet: bool = False) -
         base = train(build_model(len(tokenizer), seed=0), tokenizer, mix, steps=400, seed=0)
         for i, skill in enumerate(SKILLS):
             # ... and two specialists fine-tuned from it, each on one skill only.
-            spec = train(copy.deepcopy(base), tokenizer, splits[skill]["train"], steps=150,
-                         seed=i + 1, lr=1e-3)
+            spec = train(
+                copy.deepcopy(base),
+                tokenizer,
+                splits[skill]["train"],
+                steps=150,
+                seed=i + 1,
+                lr=1e-3,
+            )
             spec.save_pretrained(models / names[skill], safe_serialization=True)
             tokenizer.save_pretrained(models / names[skill])
             if not quiet:

@@ -70,9 +70,13 @@ def _quiet_lm_eval() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def resolve_doc_ids(spec: int | Sequence[int] | Mapping[str, Sequence[int]] | None,
-                    tasks: Sequence[str], sizes: Mapping[str, int], what: str,
-                    start: Mapping[str, int] | None = None) -> dict[str, list[int]]:
+def resolve_doc_ids(
+    spec: int | Sequence[int] | Mapping[str, Sequence[int]] | None,
+    tasks: Sequence[str],
+    sizes: Mapping[str, int],
+    what: str,
+    start: Mapping[str, int] | None = None,
+) -> dict[str, list[int]]:
     """Turn a fitness/held-out spec into explicit ids per task, checking they exist.
 
     ``int n``: n documents per task, starting at ``start[task]`` (0 for the fitness set, the end

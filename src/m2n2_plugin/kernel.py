@@ -58,9 +58,7 @@ def split_index(split_point: float, n: int) -> int:
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape:
-        raise ValueError(
-            f"parents have different shapes: {tuple(a.shape)} vs {tuple(b.shape)}"
-        )
+        raise ValueError(f"parents have different shapes: {tuple(a.shape)} vs {tuple(b.shape)}")
     if a.dtype != b.dtype:
         raise TypeError(f"parents have different dtypes: {a.dtype} vs {b.dtype}")
     if not a.is_floating_point():

@@ -62,6 +62,7 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
+from functools import cached_property
 from typing import TYPE_CHECKING
 from typing import Annotated
 from typing import Any
@@ -118,8 +119,10 @@ class M2N2ConfigError(click.ClickException, M2N2Error):
     validator into a multi-line ``ValidationError``.
     """
 
-    def __init__(self, message: str) -> None:
-        super().__init__(f"{METHOD_NAME}: {message}")
+    def format_message(self) -> str:
+        # What click prints after "Error: ". str(error) stays the bare message, so the m2n2
+        # CLI's "m2n2: error: <message>" does not say m2n2 twice.
+        return f"{METHOD_NAME}: {self.message}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +197,7 @@ class ModelLayout:
     boundaries: tuple[int, ...] = ()
     vocabulary_axes: Mapping[str, int] = field(default_factory=dict, repr=False)
 
-    @property
+    @cached_property
     def total(self) -> int:
         """Number of parameters counted."""
         return sum(numel for _, numel in self.spans.values())
@@ -419,7 +422,7 @@ def _checkpoint_shapes(reference: Any, slots: Sequence[_Slot]) -> dict[str, tupl
     for slot in slots:
         if slot.source is None:
             # Stored under another layout (mergekit converts it on load): load it for its shape.
-            tensor = LoadTensor(model=reference, tensor=slot.name).execute()
+            tensor = LoadTensor(model=reference, tensor=slot.name, optional=True).execute()
             if tensor is None:
                 raise M2N2ConfigError(f"{reference} has no tensor {slot.name}")
             shapes[slot.name] = tuple(tensor.shape)
@@ -439,12 +442,13 @@ def _checkpoint_shapes(reference: Any, slots: Sequence[_Slot]) -> dict[str, tupl
     return shapes
 
 
-def _reference_architecture(reference: Any, others: Sequence[Any]) -> ModelArchitecture:
+def _reference_architecture(
+    reference: Any, config: PretrainedConfig, others: Sequence[Any]
+) -> ModelArchitecture:
     from mergekit.architecture import arch_info_for_config
     from mergekit.io.tasks import LoaderCache
 
     cache = LoaderCache()
-    config = reference.config(trust_remote_code=cache.trust_remote_code)
     arch = arch_info_for_config(config)
     if arch is None:  # no JSON definition: infer it from the checkpoints, as mergekit does
         from mergekit.architecture.auto import infer_architecture_info
@@ -470,7 +474,8 @@ def layout_for_model(reference: Any, *, others: Sequence[Any] = ()) -> ModelLayo
 
     cache = LoaderCache()
     config = reference.config(trust_remote_code=cache.trust_remote_code)
-    segments = _architecture_segments(_reference_architecture(reference, others), config)
+    arch = _reference_architecture(reference, config, others)
+    segments = _architecture_segments(arch, config)
     available = cache.get(reference).index.tensor_paths
     slots, _ = _resolve_slots(segments, available)
     return _build_layout(segments, slots, _checkpoint_shapes(reference, slots))
@@ -523,11 +528,16 @@ _PAIR_LAYOUTS: dict[tuple[Hashable, Hashable], ModelLayout] = {}
 _PAIR_LOCK = threading.Lock()
 
 
-def _pair_layout(base: Any, other: Any) -> ModelLayout:
-    """Parent A's layout after checking that B matches it; cached per pair of references."""
+def _pair_layout(base: Any, other: Any, *, refresh: bool = False) -> ModelLayout:
+    """Parent A's layout after checking that B matches it; cached per pair of references.
+
+    ``refresh`` re-reads the checkpoints: done once per merge, when mergekit validates the
+    slice, so a long-lived process that rewrites a model folder never merges with a stale
+    layout; the per-tensor calls that follow hit the cache.
+    """
     key = (base, other)
     with _PAIR_LOCK:
-        cached = _PAIR_LAYOUTS.get(key)
+        cached = None if refresh else _PAIR_LAYOUTS.get(key)
     if cached is not None:
         return cached
     layout_a = layout_for_model(base, others=(base, other))
@@ -617,13 +627,13 @@ def m2n2_crossover(
     return split_slerp(a, b, mix_ratio, split_at, cos=cos, dot_threshold=MERGEKIT_DOT_THRESHOLD)
 
 
-def _group_layout(base_id: Hashable, other_id: Hashable) -> ModelLayout:
+def _group_layout(base_id: Hashable, other_id: Hashable, *, refresh: bool = False) -> ModelLayout:
     if isinstance(base_id, InMemoryParent):
         return base_id.layout
     from mergekit.common import ModelReference
 
     if isinstance(base_id, ModelReference) and isinstance(other_id, ModelReference):
-        return _pair_layout(base_id, other_id)
+        return _pair_layout(base_id, other_id, refresh=refresh)
     raise M2N2ConfigError(
         "the merge needs the models' layout: merge checkpoints with mergekit-yaml / run_merge, "
         "or state dicts with m2n2_plugin.merge_method.m2n2_merge_state_dicts"
@@ -676,7 +686,7 @@ class M2N2MergeMethod(FunctionalGroupMergeMethod):
                 "merges whole models: give the two parents under `models:`, not several slices"
             )
         other_id = ids[1] if ids[0] == base_id else ids[0]
-        layout = _group_layout(base_id, other_id)
+        layout = _group_layout(base_id, other_id, refresh=match is not None)
         if group_name and not match and group_name not in layout.spans:
             raise M2N2ConfigError(
                 f"tensor {group_name} is not part of parent A ({base_id}); m2n2 merges whole "

@@ -68,7 +68,9 @@ def seeds_from_mergekit(data: dict[str, Any], base_dir: Path) -> tuple[list[Seed
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise M2N2Error(f"mergekit_config is not a valid mergekit config: {where}: {err['msg']}")
+        raise M2N2Error(
+            f"mergekit_config is not a valid mergekit config: {where}: {err['msg']}"
+        ) from exc
     names: list[str] = []
     if mc.models:
         names = [str(m.model.model.path) for m in mc.models]

@@ -130,8 +130,9 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def _model_card(run: Run, best: int, fitness: float, heldout: dict[str, dict[str, float]],
-                n_merges: int) -> str:
+def _model_card(
+    run: Run, best: int, fitness: float, heldout: dict[str, dict[str, float]], n_merges: int
+) -> str:
     seeds = "\n".join(f"- `{s.name}`" for s in run.seeds)
     rows = "\n".join(
         f"| {who} | " + " | ".join(f"{v[t]:.4f}" for t in [*run.heldout_docs.ids, "mean"]) + " |"
@@ -180,7 +181,11 @@ def _plots(run: Run, arch: Any) -> None:
     import matplotlib.pyplot as plt
 
     hist_path = run.out / "history.jsonl"
-    rows = [json.loads(line) for line in hist_path.read_text().splitlines()] if hist_path.is_file() else []
+    rows = (
+        [json.loads(line) for line in hist_path.read_text().splitlines()]
+        if hist_path.is_file()
+        else []
+    )
     last: dict[int, dict[str, Any]] = {}
     for r in rows:  # a resumed run may repeat a trial's line; keep the last
         last[r["trial"]] = r
@@ -190,8 +195,13 @@ def _plots(run: Run, arch: Any) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     if rows:
         x = [r["trial"] for r in rows]
-        ax.scatter(x, [np.nan if r["value"] is None else r["value"] for r in rows], s=6,
-                   alpha=0.4, label="child mean score")
+        ax.scatter(
+            x,
+            [np.nan if r["value"] is None else r["value"] for r in rows],
+            s=6,
+            alpha=0.4,
+            label="child mean score",
+        )
         ax.plot(x, [r["archive_best"] for r in rows], label="archive best")
         ax.plot(x, [r["archive_mean"] for r in rows], label="archive mean")
         ax.plot(x, [r["coverage"] for r in rows], "--", label="coverage")
@@ -205,8 +215,9 @@ def _plots(run: Run, arch: Any) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 0.35 * max(len(arch.members), 2) + 1.5))
     if len(arch.members):
-        ax.imshow(arch.scores, aspect="auto", cmap="Greens", vmin=0, vmax=1,
-                  interpolation="nearest")
+        ax.imshow(
+            arch.scores, aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest"
+        )
         ax.set_yticks(range(len(arch.members)), [f"trial {m}" for m in arch.members])
         cov = float(arch.scores.max(axis=0).mean())
         ax.set_title(f"archive per-document scores (coverage {cov:.3f})")
@@ -224,8 +235,8 @@ def write_outputs(run: Run) -> dict[str, Any]:
     if not arch.members:
         (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-    means = arch.scores.mean(axis=1)
-    best = arch.members[int(np.argmax(means))]
+    means = arch.mean_scores
+    best = arch.best()
     heldout: dict[str, dict[str, float]] = {}
     if len(run.heldout_docs):
         heldout["M2N2 best"] = heldout_scores(run, best, f"trial:{best}")

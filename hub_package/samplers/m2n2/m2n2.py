@@ -78,6 +78,7 @@ class Archive:
         slots: length ``archive_size``; the member's trial number per slot, None when empty.
         n_folded: COMPLETE trials with scores folded so far (each once, kept or not).
         position: the fold covers every trial numbered below this.
+        alpha: the study's sharing exponent.
     """
 
     members: list[int]
@@ -85,15 +86,39 @@ class Archive:
     slots: list[int | None]
     n_folded: int
     position: int
+    alpha: float = 1.0
 
     def __len__(self) -> int:
         return len(self.members)
 
-    def fitness(self, alpha: float = 1.0) -> NDArray[np.float64]:
-        """Shared fitness of each member, the load ``z`` summed over the members."""
+    @property
+    def slot_scores(self) -> NDArray[np.float64]:
+        """``archive_size x N`` scores in slot order, empty slots as zero rows (what the
+        replacement rule and parent selection see)."""
+        matrix = np.zeros((len(self.slots), self.scores.shape[1]))
+        filled = [slot for slot, number in enumerate(self.slots) if number is not None]
+        matrix[filled] = self.scores
+        return matrix
+
+    def entry_slot(self, child_scores: ArrayLike, *, seed: bool = False) -> int | None:
+        """The slot a trial with these scores would take if it were folded next, or None.
+
+        A seed takes the first empty slot if there is one; everything else competes
+        (:func:`.niches.replace_index`). With one worker this is what happens to the running
+        trial (e.g. to keep a child's weights only if it enters); with several, trials that
+        finish first may change the archive before it is folded.
+        """
+        empty = [slot for slot, number in enumerate(self.slots) if number is None]
+        if seed and empty:
+            return empty[0]
+        return replace_index(self.slot_scores, child_scores, self.alpha)
+
+    def fitness(self, alpha: float | None = None) -> NDArray[np.float64]:
+        """Shared fitness of each member, the load ``z`` summed over the members (default
+        alpha: the study's)."""
         if not self.members:
             return np.zeros(0)
-        return shared_fitness(self.scores, alpha)
+        return shared_fitness(self.scores, self.alpha if alpha is None else alpha)
 
     @property
     def mean_scores(self) -> NDArray[np.float64]:
@@ -278,6 +303,7 @@ class M2N2Sampler(BaseSampler):
             slots=list(state.slots),
             n_folded=state.n_folded,
             position=state.position,
+            alpha=self._alpha,
         )
 
     # ----------------------------------------------------------------- the sampler interface

@@ -89,6 +89,18 @@ def test_archive_helpers() -> None:
     np.testing.assert_allclose(archive.mean_scores, [0.375, 0.5])
     assert archive.best() == 1
     np.testing.assert_allclose(archive.fitness(), m2n2.shared_fitness(np.array(vectors)))
+    np.testing.assert_array_equal(archive.slot_scores, [*vectors, [0.0] * 4])
+    # A zero child takes the empty slot; a seed too; with no empty slot it would compete.
+    assert archive.entry_slot([0.0] * 4) == 2 and archive.entry_slot([1.0] * 4, seed=True) == 2
+    child = study.ask()
+    sampler.set_scores(child, [0.0, 0.0, 1.0, 0.0])
+    predicted = sampler.archive(study).entry_slot([0.0, 0.0, 1.0, 0.0])
+    study.tell(child, 0.0)
+    assert sampler.archive(study).slots[predicted] == child.number
+    full = sampler.archive(study)
+    assert full.entry_slot([0.0] * 4) is None and full.entry_slot([0.0] * 4, seed=True) is None
+    # z = [2, 2, 2, 2.5]: f = [1/2 + 0.5/2.5, 1/2 + 1/2.5, 1/2, child 3/2 + 1/2.5] -> slot 2
+    assert full.entry_slot([1.0, 1.0, 1.0, 1.0]) == 2
 
 
 def test_split_point_ablation_and_determinism() -> None:
