@@ -351,3 +351,33 @@ def test_existing_slerp_and_ties_configs_work_unchanged(workspace: Path) -> None
     # The base model of a ties merge is not one of the models being merged: not a seed.
     assert [s.path for s in seeds] == [workspace / "m0", workspace / "m1"]
     assert carried["tokenizer_source"] == "base" and carried["dtype"] == "float16"
+
+
+def test_early_rejection_keeps_the_archive_identical(workspace: Path) -> None:
+    """The same seeded run with and without early rejection: same archive after every trial."""
+    from m2n2_plugin.evolve import evolve
+
+    def archives(early: bool) -> tuple[list[tuple[int, list, list]], int]:
+        seen: list[tuple[int, list, list]] = []
+
+        def record(run, frozen) -> None:  # noqa: ANN001
+            arch = run.sampler.archive(run.study)
+            seen.append((frozen.number, list(arch.slots), arch.slot_scores.tolist()))
+
+        cfg = write_config(
+            workspace,
+            f"early-{early}",
+            search={
+                "n_trials": 16, "archive_size": 3, "seed": 3, "heartbeat_interval": None,
+                "early_rejection": early, "rejection_chunk": 5,
+            },
+        )
+        run = evolve(cfg, progress=False, on_trial=record)
+        docs = sum(t.user_attrs.get("m2n2.docs_evaluated", 0) for t in run.study.trials)
+        return seen, docs
+
+    full, docs_full = archives(False)
+    early, docs_early = archives(True)
+    assert [a[0] for a in full] == list(range(16))
+    assert early == full
+    assert docs_early < docs_full

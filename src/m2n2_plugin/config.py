@@ -85,6 +85,10 @@ class SearchConfig(BaseModel):
     use_attraction: bool = True
     use_split_point: bool = True
     granularity: Literal["element", "layer"] = "element"
+    # Stop scoring a child once it provably cannot enter the archive (exact: the archive is
+    # the same as without it). Documents are scored in chunks of this many, hardest first.
+    early_rejection: bool = True
+    rejection_chunk: int | None = Field(default=None, ge=1)
     storage: str | None = None
     study_name: str = "m2n2"
     heartbeat_interval: int | None = Field(default=60, ge=1)

@@ -171,8 +171,14 @@ class Run:
         timing.load = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        scores = self.fitness.score(self.lm, self.fitness_docs)
-        timing.evaluate = time.perf_counter() - t0
+        try:
+            if parents is not None and self.cfg.search.early_rejection:
+                scores = self.score_or_reject(trial)
+            else:
+                scores = self.fitness.score(self.lm, self.fitness_docs)
+        finally:
+            timing.evaluate = time.perf_counter() - t0
+            self.timings[trial.number] = timing
 
         if parents is not None:
             t0 = time.perf_counter()
@@ -187,9 +193,42 @@ class Run:
         t0 = time.perf_counter()
         self.sampler.set_scores(trial, scores)
         timing.sampler += time.perf_counter() - t0
-        self.timings[trial.number] = timing
+        trial.set_user_attr("m2n2.docs_evaluated", len(scores))
         trial.set_user_attr("m2n2.timing", {k: round(v, 4) for k, v in vars(timing).items()})
         return float(scores.mean())
+
+    def score_or_reject(self, trial: optuna.Trial) -> np.ndarray:
+        """Score a child chunk by chunk; prune it as soon as it provably cannot enter.
+
+        The archive's rule is monotone for alpha in [0, 1]: solving one more document can only
+        raise the child's shared fitness and lower every member's. So if the child would be
+        dropped even when it solves every document not yet scored, it will be dropped anyway
+        (:func:`m2n2_plugin.hub.can_enter`), and the archive is exactly what it would have been
+        had the child been scored in full. Documents the archive solves least go first: they
+        are the ones a child must win to enter.
+        """
+        from m2n2_plugin.hub import can_enter
+
+        n = len(self.fitness_docs)
+        arch = self.sampler.archive(self.study)
+        slot_scores = arch.slot_scores
+        order = np.argsort(slot_scores.sum(axis=0), kind="stable")
+        batch = self.cfg.fitness.batch_size
+        chunk = self.cfg.search.rejection_chunk or max(
+            batch if isinstance(batch, int) else 8, -(-n // 8)
+        )
+        scores = np.zeros(n)
+        evaluated = np.zeros(n, dtype=bool)
+        for start in range(0, n, chunk):
+            positions = np.sort(order[start : start + chunk])
+            scores[positions] = self.fitness.score(self.lm, self.fitness_docs.subset(positions))
+            evaluated[positions] = True
+            done = int(evaluated.sum())
+            if done < n and not can_enter(slot_scores, scores, evaluated, self.cfg.search.alpha):
+                trial.set_user_attr("m2n2.docs_evaluated", done)
+                trial.report(float(scores[evaluated].mean()), step=done)
+                raise optuna.TrialPruned(f"cannot enter the archive ({done}/{n} documents)")
+        return scores
 
     # ----------------------------------------------------------------- bookkeeping
     def sync_files(self) -> Any:
@@ -204,14 +243,17 @@ class Run:
         if folder.is_dir():
             for f in folder.glob("trial_*.safetensors"):
                 number = int(f.stem.split("_")[1])
-                if number < arch.n_folded and number not in keep:
+                if number < arch.position and number not in keep:
                     f.unlink(missing_ok=True)
         return arch
 
 
 def _fingerprint(cfg: EvolveConfig, seeds: list[Seed], fitness: DocSet) -> dict[str, Any]:
     """What must not change between a run and its resumption."""
-    search = cfg.search.model_dump(exclude={"n_trials", "storage", "heartbeat_interval"})
+    # Settings that do not change the archive may differ between a run and its resumption.
+    search = cfg.search.model_dump(
+        exclude={"n_trials", "storage", "heartbeat_interval", "early_rejection", "rejection_chunk"}
+    )
     return {
         "seeds": [str(s.path) for s in seeds],
         "tasks": cfg.fitness.tasks,
@@ -422,7 +464,13 @@ def evolve(
             )
         else:
             what = "trial"
-        value = "failed" if frozen.value is None else f"mean score {frozen.value:.4f}"
+        if frozen.state == optuna.trial.TrialState.PRUNED:
+            n_docs = attrs.get("m2n2.docs_evaluated", "?")
+            value = f"rejected early after {n_docs}/{len(run.fitness_docs)} documents"
+        elif frozen.value is None:
+            value = "failed"
+        else:
+            value = f"mean score {frozen.value:.4f}"
         status = "in archive" if frozen.number in arch.members else "not kept"
         line = f"trial {frozen.number}: {what}: {value}, {status}"
         with log_path.open("a") as fh:

@@ -39,6 +39,18 @@ class DocSet:
         """``task:doc_id`` for every position of the score vector."""
         return [f"{task}:{i}" for task, ids in self.ids.items() for i in ids]
 
+    def subset(self, positions: Sequence[int]) -> DocSet:
+        """The documents at these positions of the score vector, in score-vector order.
+
+        Scoring the subset returns its scores in the order of ``sorted(positions)``.
+        """
+        flat = [(task, i) for task, ids in self.ids.items() for i in ids]
+        out: dict[str, list[int]] = {}
+        for pos in sorted(int(p) for p in positions):
+            task, i = flat[pos]
+            out.setdefault(task, []).append(i)
+        return DocSet(out)
+
 
 def _silent_tqdm(*args: Any, **kwargs: Any) -> Any:
     from tqdm import tqdm
