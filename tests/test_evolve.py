@@ -368,8 +368,12 @@ def test_early_rejection_keeps_the_archive_identical(workspace: Path) -> None:
             workspace,
             f"early-{early}",
             search={
-                "n_trials": 16, "archive_size": 3, "seed": 3, "heartbeat_interval": None,
-                "early_rejection": early, "rejection_chunk": 5,
+                "n_trials": 16,
+                "archive_size": 3,
+                "seed": 3,
+                "heartbeat_interval": None,
+                "early_rejection": early,
+                "rejection_chunk": 5,
             },
         )
         run = evolve(cfg, progress=False, on_trial=record)

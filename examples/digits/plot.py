@@ -43,7 +43,12 @@ PAPER: dict[tuple[str, str], dict[int, float]] = {
     ("pretrained", "bruteforce"): {10_000: 57.7},
     ("pretrained", "ga"): {10_000: 52.0},
 }
-CHECKPOINTS = {"scratch": (10_000, 50_000), "pretrained": (1_000, 10_000)}
+CHECKPOINTS = {
+    ("digits", "scratch"): (10_000, 50_000),
+    ("digits", "pretrained"): (1_000, 10_000),
+    ("mnist", "scratch"): (10_000, 20_000),
+    ("mnist", "pretrained"): (1_000, 10_000),
+}
 TABLE_START = "<!-- digits-table:start -->"
 TABLE_END = "<!-- digits-table:end -->"
 
@@ -91,7 +96,7 @@ def table_rows(groups: list[Group]) -> list[dict[str, str]]:
     rows = []
     for g in groups:
         paper = PAPER.get((g.setting, g.method), {}) if g.dataset == "digits" else {}
-        ck = CHECKPOINTS[g.setting]
+        ck = CHECKPOINTS[(g.dataset, g.setting)]
         seeds = sorted(r["seed"] for r in g.records)
         row = {
             "dataset": g.dataset,

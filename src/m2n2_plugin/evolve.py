@@ -3,8 +3,8 @@
 One trial = one child::
 
     sampler picks parents A, B (archive trial numbers), mix_ratio, split_point
-      -> the m2n2 merge (in memory, no disk round-trip)
-      -> the child's tensors are copied into ONE resident model
+      -> the m2n2 merge, tensor by tensor, straight into ONE resident model (resident.py:
+         parents read lazily from their files, no parent or child state dict in memory)
       -> lm-eval scores every fitness document on that model
       -> sampler.set_scores(); the child's file is written only if it enters the archive.
 
@@ -18,7 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
@@ -38,8 +41,8 @@ from m2n2_plugin.fitness import LmEvalFitness
 from m2n2_plugin.fitness import resolve_doc_ids
 from m2n2_plugin.models import Seed
 from m2n2_plugin.models import check_compatible
+from m2n2_plugin.models import check_tokenizers
 from m2n2_plugin.models import read_tensors
-from m2n2_plugin.models import save_tensors_atomic
 from m2n2_plugin.models import seeds_from_mergekit
 
 LOG = logging.getLogger("m2n2")
@@ -50,6 +53,22 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
+
+
+#: Seconds a child waits for lower-numbered trials (Run.admit) before a warning is logged.
+ADMIT_WARNING_S = 60.0
+#: ``trial_000012.safetensors`` (a member's file) and ``.tmp-trial_000012-*.safetensors`` (the
+#: temp file of a write in progress, or left by a killed one: models.save_tensors_atomic).
+_ARCHIVE_FILE = re.compile(r"(?P<temp>\.tmp-)?trial_(?P<number>\d+)(?(temp)-.+)\.safetensors")
+
+
+class MemberEvicted(M2N2Error):
+    """A parent's file was deleted because it left the archive before this trial read it.
+
+    With several workers another one may evict a member (and delete its file) between the
+    moment a trial draws it as a parent and the moment it reads it; ``sync_files`` keeps the
+    parents of running trials, so this is a rare race. The trial fails and the run goes on.
+    """
 
 
 def member_file(out: Path, number: int) -> Path:
@@ -66,6 +85,8 @@ class TrialTiming:
     evaluate: float = 0.0
     save: float = 0.0
     sampler: float = 0.0
+    # Waiting for the trials numbered below this one to finish (several workers; Run.admit).
+    wait: float = 0.0
 
 
 @dataclass
@@ -101,13 +122,26 @@ class Run:
         attrs = self.trial_attrs(number)
         if "m2n2.seed" in attrs:
             return self.seed_tensors(int(attrs["m2n2.seed"]))
+        return read_tensors(self.member_path(number, attrs))
+
+    def member_path(self, number: int, attrs: dict[str, Any] | None = None) -> Path:
+        """Where archive member ``number``'s weights are: a seed's folder, or our file."""
+        attrs = self.trial_attrs(number) if attrs is None else attrs
+        if "m2n2.seed" in attrs:
+            return self.seeds[int(attrs["m2n2.seed"])].path
         path = member_file(self.out, number)
         if not path.is_file():
+            arch = self.sampler.archive(self.study)
+            if number < arch.position and number not in arch.members:
+                raise MemberEvicted(
+                    f"archive member trial {number} left the archive before its weights "
+                    "were read (another worker evicted it); this trial fails, the run goes on"
+                )
             raise M2N2Error(
                 f"archive member trial {number} has no file {path}: the output folder and the "
                 "study disagree (was the folder edited, or another storage used?)"
             )
-        return read_tensors(path)
+        return path
 
     def seed_tensors(self, index: int) -> dict[str, torch.Tensor]:
         if index not in self._seed_cache:
@@ -134,7 +168,9 @@ class Run:
 
     # ----------------------------------------------------------------- one trial
     def objective(self, trial: optuna.Trial) -> float:
-        from m2n2_plugin.merge_method import m2n2_merge_state_dicts
+        from m2n2_plugin.resident import load_checkpoint_into_model
+        from m2n2_plugin.resident import merge_into_model
+        from m2n2_plugin.resident import save_child
 
         timing = TrialTiming()
         t0 = time.perf_counter()
@@ -145,30 +181,30 @@ class Run:
             split_point = trial.suggest_float("split_point", 0.0, 1.0)
         timing.sampler += time.perf_counter() - t0
 
+        # The child is merged tensor by tensor straight into the resident model, its parents
+        # read lazily from their files (resident.py); a seed is read into it the same way.
         t0 = time.perf_counter()
+        child = None
         if seed_index is not None:
             seed = self.seeds[seed_index]
             trial.set_user_attr("m2n2.seed", seed_index)
             trial.set_user_attr("m2n2.model", seed.name)
-            tensors = self.seed_tensors(seed_index)
+            load_checkpoint_into_model(self.model, seed.path, dtype=self.merge_dtype)
+            timing.load = time.perf_counter() - t0
         else:
             a, b = parents
             trial.set_user_attr("m2n2.parents", [a, b])
-            tensors = m2n2_merge_state_dicts(
-                self.member_tensors(a),
-                self.member_tensors(b),
+            child = merge_into_model(
+                self.model,
+                self.member_path(a),
+                self.member_path(b),
                 mix_ratio=mix_ratio,
                 split_point=split_point,
-                config=self.model.config,
                 granularity=self.cfg.search.granularity,
+                dtype=self.merge_dtype,
+                out_dtype=self.out_dtype,
             )
-            if self.out_dtype is not None:
-                tensors = {k: v.to(self.out_dtype) for k, v in tensors.items()}
-        timing.merge = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        self.load_into_model(tensors)
-        timing.load = time.perf_counter() - t0
+            timing.merge = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         try:
@@ -180,22 +216,78 @@ class Run:
             timing.evaluate = time.perf_counter() - t0
             self.timings[trial.number] = timing
 
+        t0 = time.perf_counter()
+        # Scores first: they are validated there, so bad scores never lead to a saved file
+        # (and they count only once the trial is COMPLETE).
+        self.record_scores(trial, scores)
+        timing.sampler += time.perf_counter() - t0
         if parents is not None:
             t0 = time.perf_counter()
-            # Keep the child's weights only if it enters the archive (exact with one worker;
-            # see Archive.entry_slot). A child that is not kept never touches the disk.
-            slot = self.sampler.archive(self.study).entry_slot(scores)
-            timing.sampler += time.perf_counter() - t0
-            if slot is not None:
+            # Keep the child's weights only if the fold takes it in (exact with any number of
+            # workers); a child that is not kept never touches the disk. The file is in place
+            # before the trial is COMPLETE, so every member the fold admits has one.
+            keep = self.admit(trial, scores)
+            timing.wait = time.perf_counter() - t0
+            if keep and child is not None:
                 t0 = time.perf_counter()
-                save_tensors_atomic(tensors, member_file(self.out, trial.number))
+                save_child(self.model, child, member_file(self.out, trial.number))
                 timing.save = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.sampler.set_scores(trial, scores)
-        timing.sampler += time.perf_counter() - t0
         trial.set_user_attr("m2n2.docs_evaluated", len(scores))
         trial.set_user_attr("m2n2.timing", {k: round(v, 4) for k, v in vars(timing).items()})
         return float(scores.mean())
+
+    def record_scores(self, trial: optuna.Trial, scores: np.ndarray) -> None:
+        """Hand the scores to the sampler; a bad vector is a one-line error, not a traceback.
+
+        The sampler checks values (finite, in [0, 1]) and the length against earlier trials;
+        the length is also checked against the fitness set here, which catches a wrong first
+        vector too (the sampler only learns N from the first one).
+        """
+        n = len(self.fitness_docs)
+        if np.ndim(scores) != 1 or len(scores) != n:
+            raise M2N2Error(
+                f"trial {trial.number}: the fitness gave {np.shape(scores)} scores for {n} "
+                "fitness documents (one score per document expected)"
+            )
+        try:
+            self.sampler.set_scores(trial, scores)
+        except ValueError as exc:
+            raise M2N2Error(f"trial {trial.number}: invalid fitness scores: {exc}") from exc
+
+    def admit(self, trial: optuna.Trial, scores: np.ndarray) -> bool:
+        """Whether the archive will take this child in when the fold reaches it.
+
+        The fold applies trial ``n`` to the archive that all trials numbered below ``n`` left.
+        With several workers some of them may still run, and one that finishes later can
+        change that archive: deciding now could skip the file of a child the fold then admits
+        (its parents' files would be missing later) or write one it never needs. So wait until
+        every trial below ``n`` has finished -- the fold then stops exactly at ``n``, which is
+        RUNNING -- and ask that archive. Dead workers' trials are failed by heartbeat while
+        waiting. One worker never waits; N workers wait for at most N - 1 trials.
+        """
+        pause, start, warned = 0.005, time.monotonic(), False
+        while True:
+            arch = self.sampler.archive(self.study)
+            if arch.position >= trial.number:
+                return arch.entry_slot(scores) is not None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(self.study)  # no-op without a heartbeat
+            waited = time.monotonic() - start
+            if waited > ADMIT_WARNING_S and not warned:
+                warned = True
+                how = (
+                    "it is marked FAIL once its heartbeat is stale"
+                    if self.cfg.search.heartbeat_interval
+                    else "mark it FAIL (or set search.heartbeat_interval)"
+                )
+                LOG.warning(
+                    f"trial {trial.number} has waited {waited:.0f} s for trial {arch.position} "
+                    "to finish before it can tell whether to keep its weights; if the worker "
+                    f"running trial {arch.position} died, {how}"
+                )
+            time.sleep(pause)
+            pause = min(2 * pause, 0.5)
 
     def score_or_reject(self, trial: optuna.Trial) -> np.ndarray:
         """Score a child chunk by chunk; prune it as soon as it provably cannot enter.
@@ -234,18 +326,48 @@ class Run:
     def sync_files(self) -> Any:
         """Delete files of trials that left (or never entered) the archive; return it.
 
-        Only trials the fold has passed are touched, so a file another worker has just
-        written for a trial not yet folded is never deleted.
+        Only trials the fold has passed are touched: every trial below ``position`` has
+        finished, so no worker is writing their files, while a file (or ``.tmp-`` file) being
+        written for a running trial is never deleted. That also removes what a killed worker
+        left once its trial is failed: the file of a child saved just before the kill, and
+        the temp file of a write cut short. An evicted member that a running trial drew as a
+        parent keeps its file until that trial has finished.
         """
         arch = self.sampler.archive(self.study)
-        keep = set(arch.members)
+        keep = set(arch.members) | self._running_parents(arch.position)
         folder = self.out / "archive"
         if folder.is_dir():
-            for f in folder.glob("trial_*.safetensors"):
-                number = int(f.stem.split("_")[1])
-                if number < arch.position and number not in keep:
+            for f in folder.iterdir():
+                match = _ARCHIVE_FILE.fullmatch(f.name)
+                if match is None:
+                    continue
+                number = int(match["number"])
+                temp = match["temp"] is not None
+                if number < arch.position and (temp or number not in keep):
                     f.unlink(missing_ok=True)
         return arch
+
+    def _running_parents(self, position: int) -> set[int]:
+        """Parents drawn by the trials the fold has not passed: they may still read them.
+
+        A trial without a plan yet will draw from an archive folded at least up to
+        ``position``, where members evicted before ``position`` are gone.
+        """
+        storage, study_id = self.study._storage, self.study._study_id
+        parents: set[int] = set()
+        number = position
+        while True:
+            try:
+                trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+            except KeyError:
+                return parents
+            frozen = storage.get_trial(trial_id)
+            if not frozen.state.is_finished():
+                try:
+                    parents.update(self.sampler.parents(frozen) or ())
+                except ValueError:  # not planned yet
+                    pass
+            number += 1
 
 
 def _fingerprint(cfg: EvolveConfig, seeds: list[Seed], fitness: DocSet) -> dict[str, Any]:
@@ -289,6 +411,78 @@ def _open_study(cfg: EvolveConfig, out: Path, sampler: Any) -> optuna.Study:
         raise M2N2Error(f"cannot open the Optuna storage {url!r}: {first}") from exc
 
 
+def output_folder(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Path:
+    """The run's output folder: ``output_dir`` (relative to the working directory), else the
+    config's ``output_dir`` (relative to the config file)."""
+    out = Path(output_dir or cfg.output_dir or "m2n2-out")
+    if not out.is_absolute():
+        out = (Path.cwd() / out) if output_dir else cfg.resolve(str(out))
+    return out
+
+
+#: What ``prepare`` itself may put in a new output folder before it fails.
+_PREPARE_FILES = {".write-test", "study.db", "study.db-journal", "study.db-wal", "study.db-shm"}
+
+
+def _prepare_or_clean(cfg: EvolveConfig, output_dir: str | Path | None) -> Run:
+    """``prepare``; if it fails after creating the output folder, remove that folder again.
+
+    A failed first start (storage unreachable, a model that cannot be built) must not leave a
+    half-made folder behind, above all not a study whose fingerprint would then refuse the
+    corrected config. Only a folder this call created, holding nothing but what ``prepare``
+    writes, is removed; a folder another worker has started using is left alone.
+    """
+    out = output_folder(cfg, output_dir)
+    fresh = not out.exists()
+    try:
+        return prepare(cfg, output_dir)
+    except BaseException:
+        if fresh and out.is_dir() and {f.name for f in out.iterdir()} <= _PREPARE_FILES:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+class _OneLineErrors(logging.Filter):
+    """Drop Optuna's "Trial N failed" traceback for an M2N2Error: the CLI prints its one line.
+
+    A trial that fails on bad input (invalid scores, a broken task) stops the run with
+    ``m2n2: error: ...``; Optuna would first log the same error with a full traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, M2N2Error) and not isinstance(exc, MemberEvicted))
+
+
+def _write_outputs_locked(run: Run) -> None:
+    """``write_outputs``, one worker at a time, retried if an eviction races its reads.
+
+    Workers sharing an output folder finish at different times and each writes the outputs.
+    An exclusive ``flock`` on ``<out>/.outputs.lock`` serialises them (the kernel drops it
+    when its holder dies, so a kill -9 never leaves it held); the holder first removes what a
+    killed writer left (``.best-tmp-*``, ``.best-old``). Another worker may still evict the
+    best member and delete its file mid-write: then the outputs are written again.
+    """
+    from m2n2_plugin.report import write_outputs
+
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (one worker per output folder)
+        fcntl = None  # type: ignore[assignment]
+    with (run.out / ".outputs.lock").open("a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        for left in [*run.out.glob(".best-tmp-*"), run.out / ".best-old"]:
+            shutil.rmtree(left, ignore_errors=True)
+        for attempt in range(3):
+            try:
+                write_outputs(run)
+                return
+            except MemberEvicted:
+                if attempt == 2:
+                    raise
+
+
 def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     """Validate everything that can be checked before the first trial, then open the study."""
     from transformers import AutoConfig
@@ -297,9 +491,7 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
 
     from m2n2_plugin.hub import M2N2Sampler
 
-    out = Path(output_dir or cfg.output_dir or "m2n2-out")
-    if not out.is_absolute():
-        out = (Path.cwd() / out) if output_dir else cfg.resolve(str(out))
+    out = output_folder(cfg, output_dir)
 
     # Seeds: an existing mergekit config, used as-is.
     if isinstance(cfg.mergekit_config, str):
@@ -317,6 +509,7 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
             f"{cfg.search.archive_size}"
         )
     check_compatible(seeds)
+    check_tokenizers(seeds)
 
     # Fitness: tasks loaded once; documents resolved to explicit ids.
     fc = cfg.fitness
@@ -412,9 +605,11 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     return run
 
 
+_DONE_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
 def _count_done(study: optuna.Study) -> int:
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return len(study.get_trials(deepcopy=False, states=states))
+    return len(study.get_trials(deepcopy=False, states=_DONE_STATES))
 
 
 def evolve(
@@ -431,11 +626,18 @@ def evolve(
     """
     from tqdm.auto import tqdm
 
-    from m2n2_plugin.report import write_outputs
-
     cfg = config if isinstance(config, EvolveConfig) else load_config(config)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    run = prepare(cfg, output_dir)
+    optimize_log = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _OneLineErrors) for f in optimize_log.filters):
+        optimize_log.addFilter(_OneLineErrors())
+    run = _prepare_or_clean(cfg, output_dir)
+    # What a killed worker left: its trial is failed once the heartbeat is stale, then the
+    # child file it saved and any temp file are deleted; live workers' files are kept.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(run.study)
+    run.sync_files()
     total = n_trials or cfg.search.n_trials
     done = _count_done(run.study)
     log_path = run.out / "trials.log"
@@ -493,11 +695,19 @@ def evolve(
             on_trial(run, frozen)
 
     remaining = max(0, total - done)
+    # ``total`` is the study's budget, shared by every worker: each stops once the study has
+    # that many finished trials (trials already running elsewhere still finish).
+    budget = optuna.study.MaxTrialsCallback(total, states=_DONE_STATES)
     try:
         if remaining:
-            run.study.optimize(run.objective, n_trials=remaining, callbacks=[after], catch=())
+            run.study.optimize(
+                run.objective,
+                n_trials=remaining,
+                callbacks=[after, budget],
+                catch=(MemberEvicted,),
+            )
     finally:
         bar.close()
     run.sync_files()
-    write_outputs(run)
+    _write_outputs_locked(run)
     return run

@@ -191,6 +191,16 @@ class LmEvalFitness:
                 raise M2N2Error(
                     f"task {name!r} has no per-document metric {metric!r} (it has {metrics})"
                 )
+            # A metric lm-eval does not average (bleu, f1, mcc, perplexity) is a corpus score:
+            # its per-document values are not scores of their own, and M2N2 needs those.
+            agg = task.aggregation().get(metric)
+            agg_name = getattr(agg, "__name__", str(agg))
+            if agg is not None and agg_name != "mean":
+                raise M2N2Error(
+                    f"task {name!r} has no per-document metric {metric!r}: lm-eval aggregates "
+                    f"it over all documents ({agg_name}); pick one it averages (acc, "
+                    "exact_match, ...)"
+                )
             filters = [f["name"] for f in (task.config.filter_list or [])] or ["none"]
             chosen = filter if filter is not None else filters[0]
             if filter is None and len(filters) > 1:

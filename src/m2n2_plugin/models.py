@@ -157,10 +157,49 @@ def check_compatible(seeds: list[Seed]) -> dict[str, tuple[int, ...]]:
     return shapes0
 
 
+#: Files that hold a Hugging Face tokenizer (any one of them means the folder has one).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizers(seeds: list[Seed]) -> None:
+    """Fail with one line unless every seed that ships a tokenizer has the same vocabulary.
+
+    ``m2n2 evolve`` merges tensors position by position and scores every child with one
+    tokenizer, so embedding row ``i`` must mean the same token in every seed. A vocabulary of
+    the same size in another order passes the shape check and would silently merge unrelated
+    tokens; mergekit's ``tokenizer_source`` alignment is not applied inside the evolve loop.
+    """
+    from transformers import AutoTokenizer
+
+    first: tuple[str, dict[str, int]] | None = None
+    for s in seeds:
+        if not any((s.path / f).is_file() for f in TOKENIZER_FILES):
+            continue
+        try:
+            vocab = AutoTokenizer.from_pretrained(str(s.path)).get_vocab()
+        except Exception as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise M2N2Error(f"the tokenizer of model {s.name!r} cannot be loaded ({msg})") from exc
+        if first is None:
+            first = (s.name, vocab)
+            continue
+        name0, vocab0 = first
+        if vocab != vocab0:
+            token = min(set(vocab0.items()) ^ set(vocab.items()), key=lambda kv: (kv[1], kv[0]))[0]
+            ids = (vocab0.get(token), vocab.get(token))
+            raise M2N2Error(
+                f"models {name0!r} and {s.name!r} have different tokenizers (token {token!r} is "
+                f"id {ids[0]} vs {ids[1]}); evolving merges embedding rows position by "
+                "position, so every seed must use the same vocabulary"
+            )
+
+
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write a safetensors file so that a crash never leaves a partial file at ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    # The temp name carries the target's (".tmp-trial_000012-...") so that a cleaner can tell
+    # whose write a left-over temp file was (evolve.Run.sync_files).
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=".safetensors", dir=path.parent)
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)

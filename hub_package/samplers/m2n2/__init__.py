@@ -7,6 +7,7 @@ as ``m2n2_plugin.hub``. Both are this one folder.
 from .m2n2 import Archive
 from .m2n2 import M2N2Sampler
 from .niches import attraction
+from .niches import can_enter
 from .niches import draw_parents
 from .niches import parent_a_probabilities
 from .niches import parent_b_probabilities
@@ -18,6 +19,7 @@ __all__ = [
     "Archive",
     "M2N2Sampler",
     "attraction",
+    "can_enter",
     "draw_parents",
     "parent_a_probabilities",
     "parent_b_probabilities",

@@ -43,6 +43,7 @@ from ._state import FoldState
 from ._state import N_EXAMPLES_KEY
 from ._state import PLAN_KEY
 from ._state import SCORES_KEY
+from .niches import can_enter
 from .niches import draw_parents
 from .niches import replace_index
 from .niches import shared_fitness
@@ -112,6 +113,22 @@ class Archive:
         if seed and empty:
             return empty[0]
         return replace_index(self.slot_scores, child_scores, self.alpha)
+
+    def can_enter(self, child_scores: ArrayLike, evaluated: ArrayLike) -> bool:
+        """Whether a child scored on the ``evaluated`` examples so far (a boolean mask) can
+        still enter the archive if it is folded next: :func:`.niches.can_enter` with this
+        archive's slots and alpha. False is a proof that it cannot, whatever its other scores,
+        so its evaluation can stop (raise ``optuna.TrialPruned``: the fold skips the trial,
+        exactly as it would have dropped the child).
+
+        For children only: a pruned seed trial frees its seed, which is then issued again.
+        Like :meth:`entry_slot` this is exact with one worker; with several, trials that finish
+        first may change the archive before this one is folded. True while the archive has no
+        member (the child would take an empty slot).
+        """
+        if not self.members:
+            return True
+        return can_enter(self.slot_scores, child_scores, evaluated, self.alpha)
 
     def fitness(self, alpha: float | None = None) -> NDArray[np.float64]:
         """Shared fitness of each member, the load ``z`` summed over the members (default

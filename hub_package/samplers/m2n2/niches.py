@@ -14,7 +14,10 @@ compared; a load of 0 counts as 1 (the official code's rule; the paper writes ``
   ``k`` solves of what ``A`` fails, weighted by scarcity;
 * replacement: the child joins the archive as row ``P``; the row with the least shared fitness
   (``z`` including the child) is dropped, the first one on a tie, so an archive member tied with
-  the child goes and the child stays.
+  the child goes and the child stays;
+* early rejection: :func:`can_enter` tells from part of a child's scores whether any scores on
+  the other examples could still let it in (for ``0 <= alpha <= 1``: exactly when its best
+  case, every other example solved, would enter), so a child that cannot need not be finished.
 
 Empty archive slots are rows of zeros: their shared fitness and attraction are 0, so they are
 never drawn as parents and are the first rows replacement drops.
@@ -146,6 +149,139 @@ def replace_index(
     fitness = shared_fitness(np.vstack([archive, child]), alpha, capacity)
     loser = first_argmin(fitness)
     return None if loser == archive.shape[0] else loser
+
+
+def can_enter(
+    archive_scores: ArrayLike,
+    child_scores: ArrayLike,
+    evaluated: ArrayLike,
+    alpha: float = 1.0,
+    capacity: ArrayLike | None = None,
+) -> bool:
+    """Whether a partly evaluated child can still enter the archive (exact early rejection).
+
+    In steady-state M2N2 a child that :func:`replace_index` drops changes nothing, so once it is
+    certain to be dropped the rest of its evaluation is wasted. This answers, after some of the
+    ``N`` examples are scored: is there any way of scoring the others that lets the child in?
+
+    Args:
+        archive_scores: ``P x N`` slot matrix in ``[0, 1]``, empty slots as zero rows (what
+            :attr:`.m2n2.Archive.slot_scores` gives).
+        child_scores: ``(N,)``; only the entries where ``evaluated`` is True are read (the
+            others may hold anything, NaN included). Those must lie in ``[0, 1]``.
+        evaluated: boolean mask of shape ``(N,)``, True for the examples scored so far. Index
+            arrays are refused, since ``[0, 1]`` as indices and as a mask mean different
+            things; build a mask with ``mask = np.zeros(N, bool); mask[idx] = True``.
+        alpha, capacity: as in :func:`shared_fitness`.
+
+    Returns:
+        False only when it is proven that :func:`replace_index` returns None (child dropped)
+        for every completion of the unevaluated scores with values in ``[0, 1]``; True
+        otherwise. With every example evaluated it is exactly
+        ``replace_index(archive_scores, child_scores, alpha, capacity) is not None``.
+
+    Raises:
+        ValueError: shapes disagree, or a score (archive, or child where evaluated) is not a
+            finite number in ``[0, 1]``.
+        TypeError: ``evaluated`` is not a boolean array.
+
+    Why it is exact, for ``0 <= alpha <= 1`` and ``c_j >= 0``. Fix the evaluated scores; let
+    ``x`` be any completion and ``1`` the best case (every unevaluated score 1). For an
+    unevaluated example ``j`` let ``r_j = sum_i S[i, j]`` (archive only) and ``s = x_j``, so
+    ``z_j = r_j + s``. Other examples do not depend on ``x``.
+
+    1. A member's term ``c_j S[i, j] / z_j ** alpha`` does not rise with ``s``: ``z_j`` rises
+       and ``alpha >= 0``; if ``r_j = 0`` then ``S[i, j] = 0`` and the term is 0 throughout
+       (also under the rule ``z = 0 -> 1``).
+    2. The child's term ``h(s) = c_j s / (s + r) ** alpha`` does not fall with ``s``. For
+       ``r > 0``, ``h'(s) = c_j (s + r) ** (-alpha - 1) ((1 - alpha) s + r) >= 0``. For
+       ``r = 0``, ``h(0) = 0`` (``z = 0`` taken as 1) and ``h(s) = c_j s ** (1 - alpha)``,
+       nondecreasing on ``(0, 1]`` and ``>= 0``.
+    3. Going from ``1`` down to ``x``, the child loses ``D = f_c(1) - f_c(x) >= 0`` and no
+       member gains more than ``D``: on example ``j`` member ``i`` gains at most
+       ``c_j r [(r + s) ** -alpha - (r + 1) ** -alpha]`` (as ``S[i, j] <= r``), and the child
+       loses ``c_j [(r + 1) ** (1 - alpha) - (r + s) ** (1 - alpha)]`` more than that, which is
+       ``>= 0`` because ``alpha <= 1``.
+
+    :func:`replace_index` drops the child iff every member has ``f_i > f_c + t`` with the tie
+    margin ``t = TIE_RTOL * max f`` (first-index rule: a member within ``t`` of the child is
+    dropped instead). By 1-2, ``f_i(x) - f_c(x) >= f_i(1) - f_c(1) + D``; by 3 the largest
+    fitness is at most ``max f(1) + D``, so ``t(x) <= t(1) + TIE_RTOL * D``. Together
+    ``f_i(x) - f_c(x) - t(x) >= f_i(1) - f_c(1) - t(1)``: if the child is dropped in the best
+    case it is dropped at every ``x``; and if it is not, the best case
+    itself is a completion that lets it in. So the test is :func:`replace_index` on the best
+    case, with the same tie rule: a best case that ties a member lets the child in (True), and
+    so does an empty slot (a zero row ties or beats any child). In floating point a rejection
+    also needs the best-case margin to exceed a bound on the rounding of a fitness sum,
+    ``4 (P + N + 8) eps max f``, so that rounding at another completion cannot undo it; that
+    only matters for margins within about ``1e-13 (P + N)`` of the tie tolerance.
+
+    For ``alpha > 1`` the child's term is not monotone (it peaks at ``s = r / (alpha - 1)``,
+    and without ``z = 0`` it is unbounded as ``s -> 0+`` on an example nobody in the archive
+    solves), so the test falls back on a sound bound: each member at its least fitness
+    (completion 1), the child at the sum of its per-example maxima, the tie margin at the
+    largest fitness any completion can reach (members at completion 0). It is True as soon as
+    an unevaluated example with ``c_j > 0`` is solved by no member. For ``alpha < 0`` (members
+    then gain from the child's scores), a non-finite ``alpha`` or a negative capacity on an
+    example, nothing is proven and the answer is True.
+    """
+    archive = _matrix(archive_scores, "archive_scores")
+    n_rows, n_examples = archive.shape
+    if not np.all((archive >= 0.0) & (archive <= 1.0)):  # NaN fails both comparisons
+        raise ValueError("archive_scores must be finite numbers in [0, 1]")
+    child = np.asarray(child_scores, dtype=np.float64)
+    if child.shape != (n_examples,):
+        raise ValueError(f"child_scores must have shape ({n_examples},), got {child.shape}")
+    mask = np.asarray(evaluated)
+    if mask.dtype != np.bool_:
+        raise TypeError(
+            f"evaluated must be a boolean mask, got dtype {mask.dtype} (for indices idx: "
+            "mask = np.zeros(N, bool); mask[idx] = True)"
+        )
+    if mask.shape != (n_examples,):
+        raise ValueError(f"evaluated must have shape ({n_examples},), got {mask.shape}")
+    seen = child[mask]
+    if not np.all((seen >= 0.0) & (seen <= 1.0)):
+        raise ValueError("child_scores must be finite numbers in [0, 1] where evaluated")
+    c = _capacity(capacity, n_examples)
+    best = np.where(mask, child, 1.0)
+    if mask.all():
+        return replace_index(archive, best, alpha, c) is not None
+    alpha = float(alpha)
+    open_ = ~mask
+    n_terms = n_rows + 1 + n_examples
+    if not (np.isfinite(alpha) and alpha >= 0.0) or np.any(c < 0.0):
+        return True
+    if alpha <= 1.0:
+        fitness = shared_fitness(np.vstack([archive, best]), alpha, c)
+        return not _child_dropped(fitness[:-1], fitness[-1], float(fitness.max()), n_terms)
+    # alpha > 1: bounds, not one completion.
+    load = archive[:, open_].sum(axis=0)
+    c_open = c[open_]
+    if np.any((load == 0.0) & (c_open > 0.0)):
+        return True  # the child's term s ** (1 - alpha) is unbounded as s -> 0+
+    peak = np.minimum(1.0, load / (alpha - 1.0))  # argmax of s / (s + r) ** alpha on [0, 1]
+    child_peaks = c_open * peak / np.where(load > 0.0, peak + load, 1.0) ** alpha
+    weights = example_weights(np.vstack([archive, best]), alpha, c)
+    child_most = float((seen * weights[mask]).sum() + child_peaks.sum())
+    members_least = archive @ weights  # every unevaluated child score at 1
+    worst = np.where(mask, child, 0.0)
+    members_most = shared_fitness(np.vstack([archive, worst]), alpha, c)[:-1]
+    largest = max(child_most, float(members_most.max(initial=0.0)))
+    return not _child_dropped(members_least, child_most, largest, n_terms)
+
+
+def _child_dropped(
+    members: NDArray[np.float64], child: float, largest: float, n_terms: int
+) -> bool:
+    """:func:`first_argmin`'s test "every member is above the child by more than the tie
+    tolerance", with ``largest`` (the largest fitness, or a bound on it) as the tolerance's
+    scale, plus a bound on the rounding of a computed fitness: a sum of ``n_terms`` nonnegative
+    products and powers is off by at most about ``n_terms`` ulps of ``largest`` in any summation
+    order; four times that covers this evaluation and the one at any other completion."""
+    scale = max(largest, np.finfo(np.float64).tiny)
+    margin = TIE_RTOL * scale + 4.0 * (n_terms + 8) * float(np.finfo(np.float64).eps) * scale
+    return bool(np.all(members > child + margin))
 
 
 def _filled_mask(filled: ArrayLike | None, n_rows: int) -> NDArray[np.bool_]:

@@ -1,0 +1,230 @@
+"""A tiny `m2n2 evolve` workspace and the checks shared by the worker, crash and bad-input tests.
+
+The workspace holds random tiny Llamas (three alike, one wider, one with a permuted
+vocabulary), a tiny GPT-2 (another architecture), a local multiple-choice lm-eval task and a
+mergekit config naming three seeds. Everything is built offline in a few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "evolve_worker.py"
+HUB_TESTS = HERE.parent / "hub_package" / "samplers" / "m2n2" / "tests"
+
+MC_TASK = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+{extra}metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+GEN_TASK = """\
+task: tiny_bleu
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_target: "{{{{choices[0]}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 3
+  do_sample: false
+metric_list:
+  - metric: bleu
+"""
+
+# Per-document results a task computes with its own Python code (lm-eval's !function).
+TASK_CODE = """\
+def out_of_range(doc, results):
+    return {"acc": 2.0}
+
+
+def not_a_number(doc, results):
+    return {"acc": float("nan")}
+"""
+
+
+def build_workspace(root: Path) -> Path:
+    """Models, tasks and a seeds config under ``root`` (returned)."""
+    from transformers import GPT2Config
+    from transformers import GPT2LMHeadModel
+
+    from m2n2_plugin.example import build_model
+    from m2n2_plugin.example import build_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    for i in range(3):
+        model = build_model(len(tok), seed=100 + i, hidden=32)
+        model.save_pretrained(root / f"m{i}", safe_serialization=True)
+        tok.save_pretrained(root / f"m{i}")
+    wide = build_model(len(tok), seed=7, hidden=48)
+    wide.save_pretrained(root / "wide", safe_serialization=True)
+    tok.save_pretrained(root / "wide")
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    )
+    gpt2.save_pretrained(root / "gpt2", safe_serialization=True)
+    tok.save_pretrained(root / "gpt2")
+    # Same shapes as m0, but two tokens trade ids: only the tokenizer check can tell.
+    permuted = build_model(len(tok), seed=103, hidden=32)
+    permuted.save_pretrained(root / "permuted", safe_serialization=True)
+    tok.save_pretrained(root / "permuted")
+    spec = json.loads((root / "permuted" / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (root / "permuted" / "tokenizer.json").write_text(json.dumps(spec))
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(40):
+        word = "".join(rng.choice("abcdefgh") for _ in range(3))
+        choices = [word[::-1], word, word[1:] + word[0], "".join(sorted(word))]
+        rows.append({"question": f"reverse {word}", "choices": choices, "label": 0})
+    tasks = root / "tasks"
+    tasks.mkdir(exist_ok=True)
+    data = tasks / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "mc.yaml").write_text(MC_TASK.format(name="tiny_mc", data=data, extra=""))
+    # Tasks whose own code yields bad per-document scores (a folder of its own: including a
+    # task folder means trusting its code).
+    custom = root / "custom_tasks"
+    custom.mkdir(exist_ok=True)
+    (custom / "utils.py").write_text(TASK_CODE)
+    for fn in ("out_of_range", "not_a_number"):
+        extra = f"process_results: !function utils.{fn}\n"
+        (custom / f"{fn}.yaml").write_text(MC_TASK.format(name=f"tiny_{fn}", data=data, extra=extra))
+    (custom / "bleu.yaml").write_text(GEN_TASK.format(data=data))
+    (root / "seeds.yml").write_text(
+        "merge_method: slerp\nbase_model: m0\nmodels:\n  - model: m0\n  - model: m1\n"
+        "  - model: m2\nparameters:\n  t: 0.5\ndtype: float32\n"
+    )
+    return root
+
+
+def config_dict(name: str, **overrides: Any) -> dict[str, Any]:
+    """A small valid config; ``section__key=value`` overrides one key, ``section=...`` all."""
+    cfg: dict[str, Any] = {
+        "mergekit_config": "seeds.yml",
+        "fitness": {
+            "include_path": "tasks",
+            "tasks": ["tiny_mc"],
+            "metric": "acc",
+            "fitness_docs": 30,
+            "heldout_docs": 5,
+            "batch_size": 16,
+            "num_threads": 1,
+        },
+        "search": {"n_trials": 10, "archive_size": 4, "seed": 0, "heartbeat_interval": None},
+        "output_dir": f"out-{name}",
+    }
+    for key, value in overrides.items():
+        section, _, field = key.partition("__")
+        if field:
+            cfg[section][field] = value
+        else:
+            cfg[section] = value
+    return cfg
+
+
+def write_config(root: Path, name: str, **overrides: Any) -> Path:
+    path = root / f"{name}.yml"
+    path.write_text(yaml.safe_dump(config_dict(name, **overrides)))
+    return path
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a worker subprocess: offline, one thread, quiet."""
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "GIT_PYTHON_REFRESH": "quiet",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def worker_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(WORKER), *args]
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha1 of every file under ``folder`` (relative names)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def refold(trials: list[optuna.trial.FrozenTrial], archive_size: int) -> tuple[list, int]:
+    """The archive recomputed from scratch in trial-number order (the hub tests' re-fold)."""
+    sys.path.insert(0, str(HUB_TESTS))
+    try:
+        from m2n2_toy import refold as hub_refold
+    finally:
+        sys.path.remove(str(HUB_TESTS))
+    import m2n2_plugin.hub as hub
+
+    return hub_refold(hub, trials, archive_size)
+
+
+def check_study_and_files(out: Path, study: optuna.Study, archive_size: int) -> Any:
+    """The invariants of a study and its output folder once no worker is running.
+
+    The archive has at most ``archive_size`` members, none twice; it is the re-fold of the
+    trials in number order and every COMPLETE trial was folded exactly once; every child
+    member has its file and no other file (of an evicted member, a failed trial or a cut-short
+    write) is left in ``<out>/archive``. Returns the archive.
+    """
+    from m2n2_plugin.evolve import member_file
+    from m2n2_plugin.hub import M2N2Sampler
+
+    trials = study.get_trials(deepcopy=False)
+    assert all(t.state.is_finished() for t in trials), [t.state for t in trials]
+    arch = M2N2Sampler(archive_size=archive_size).archive(study)
+    assert len(arch.members) <= archive_size
+    assert len(set(arch.members)) == len(arch.members)
+    slots, n_folded = refold(trials, archive_size)
+    assert arch.slots == slots
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert arch.n_folded == n_folded == len(complete)
+    assert arch.position == len(trials)
+    seeds = {t.number for t in trials if "m2n2.seed" in t.user_attrs}
+    children = sorted(set(arch.members) - seeds)
+    for number in children:
+        assert member_file(out, number).is_file(), number
+    folder = out / "archive"
+    left = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    assert left == [member_file(out, n).name for n in children], (left, children)
+    for number in arch.members:  # scores in the archive are the trials' own
+        row = arch.scores[arch.members.index(number)]
+        assert np.isclose(row.mean(), study.trials[number].value)
+    return arch
