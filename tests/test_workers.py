@@ -81,10 +81,11 @@ def test_evolve_workers_share_one_archive(
     name = f"workers-{kind}"
     out = workspace / f"out-{name}"
     url = _storage_url(kind, request, out)
-    n_trials = 21
+    n_trials = 12
     cfg = write_config(
         workspace,
         name,
+        fitness__heldout_docs=None,  # no held-out scoring in the outputs: faster
         search={
             "n_trials": n_trials,
             "archive_size": ARCHIVE_SIZE,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import re
 import shutil
 import time
@@ -296,15 +297,22 @@ class Run:
         raise the child's shared fitness and lower every member's. So if the child would be
         dropped even when it solves every document not yet scored, it will be dropped anyway
         (:func:`m2n2_plugin.hub.can_enter`), and the archive is exactly what it would have been
-        had the child been scored in full. Documents the archive solves least go first: they
-        are the ones a child must win to enter.
+        had the child been scored in full.
+
+        Order: documents neither parent solves go first (a child mostly inherits its parents'
+        failures, so that is where it is proven hopeless soonest), ties broken by how few
+        archive members solve them. The benchmark (benchmarks/bench_early_rejection.py) found
+        this order saves more than "rarest in the archive first".
         """
         from m2n2_plugin.hub import can_enter
 
         n = len(self.fitness_docs)
         arch = self.sampler.archive(self.study)
         slot_scores = arch.slot_scores
-        order = np.argsort(slot_scores.sum(axis=0), kind="stable")
+        rows = dict(zip(arch.members, arch.scores, strict=True))
+        a, b = self.sampler.parents(trial)
+        parents_solve = rows.get(a, np.zeros(n)) + rows.get(b, np.zeros(n))
+        order = np.lexsort((slot_scores.sum(axis=0), parents_solve))
         batch = self.cfg.fitness.batch_size
         chunk = self.cfg.search.rejection_chunk or max(
             batch if isinstance(batch, int) else 8, -(-n // 8)
@@ -386,17 +394,43 @@ def _fingerprint(cfg: EvolveConfig, seeds: list[Seed], fitness: DocSet) -> dict[
     }
 
 
+def _rdb_storage(url: str, heartbeat_interval: int | None) -> optuna.storages.RDBStorage:
+    """``RDBStorage(url)``, retried while another worker creates the same tables.
+
+    Optuna creates its schema when a storage is first opened; workers that start together on
+    a new database race to do it, and all but one fail on a duplicate table, type or alembic
+    row (optuna/optuna#1092). A retry finds the schema made. Any other error (a server that
+    cannot be reached, a bad URL) is raised at once.
+    """
+    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import ProgrammingError
+
+    for attempt in range(6):
+        try:
+            with warnings.catch_warnings():
+                # heartbeat_interval is "experimental" in Optuna: noise on every start.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=None if heartbeat_interval is None else 2 * heartbeat_interval,
+                    engine_kwargs={"connect_args": {"timeout": 60}}
+                    if url.startswith("sqlite")
+                    else None,
+                )
+        except (IntegrityError, ProgrammingError, OperationalError) as exc:
+            racing = not isinstance(exc, OperationalError) or "already exists" in str(exc)
+            if not racing or attempt == 5:
+                raise
+            time.sleep(0.1 * (attempt + 1) + 0.1 * random.random())
+    raise AssertionError("unreachable")
+
+
 def _open_study(cfg: EvolveConfig, out: Path, sampler: Any) -> optuna.Study:
     url = cfg.search.storage or f"sqlite:///{out / 'study.db'}"
     try:
-        storage = optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=cfg.search.heartbeat_interval,
-            grace_period=None
-            if cfg.search.heartbeat_interval is None
-            else 2 * cfg.search.heartbeat_interval,
-            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-        )
+        storage = _rdb_storage(url, cfg.search.heartbeat_interval)
         return optuna.create_study(
             storage=storage,
             study_name=cfg.search.study_name,

@@ -198,32 +198,32 @@ def can_enter(
        ``r = 0``, ``h(0) = 0`` (``z = 0`` taken as 1) and ``h(s) = c_j s ** (1 - alpha)``,
        nondecreasing on ``(0, 1]`` and ``>= 0``.
     3. Going from ``1`` down to ``x``, the child loses ``D = f_c(1) - f_c(x) >= 0`` and no
-       member gains more than ``D``: on example ``j`` member ``i`` gains at most
-       ``c_j r [(r + s) ** -alpha - (r + 1) ** -alpha]`` (as ``S[i, j] <= r``), and the child
-       loses ``c_j [(r + 1) ** (1 - alpha) - (r + s) ** (1 - alpha)]`` more than that, which is
-       ``>= 0`` because ``alpha <= 1``.
+       member gains more than ``D``. On example ``j`` member ``i`` gains at most
+       ``c_j r [(r + s) ** -alpha - (r + 1) ** -alpha]`` (as ``S[i, j] <= r``); the child
+       loses ``c_j [(r + 1) ** -alpha - s (r + s) ** -alpha]``, which exceeds that bound by
+       ``c_j [(r + 1) ** (1 - alpha) - (r + s) ** (1 - alpha)] >= 0`` as ``alpha <= 1``.
 
     :func:`replace_index` drops the child iff every member has ``f_i > f_c + t`` with the tie
     margin ``t = TIE_RTOL * max f`` (first-index rule: a member within ``t`` of the child is
     dropped instead). By 1-2, ``f_i(x) - f_c(x) >= f_i(1) - f_c(1) + D``; by 3 the largest
     fitness is at most ``max f(1) + D``, so ``t(x) <= t(1) + TIE_RTOL * D``. Together
     ``f_i(x) - f_c(x) - t(x) >= f_i(1) - f_c(1) - t(1)``: if the child is dropped in the best
-    case it is dropped at every ``x``; and if it is not, the best case
-    itself is a completion that lets it in. So the test is :func:`replace_index` on the best
-    case, with the same tie rule: a best case that ties a member lets the child in (True), and
-    so does an empty slot (a zero row ties or beats any child). In floating point a rejection
-    also needs the best-case margin to exceed a bound on the rounding of a fitness sum,
-    ``4 (P + N + 8) eps max f``, so that rounding at another completion cannot undo it; that
-    only matters for margins within about ``1e-13 (P + N)`` of the tie tolerance.
+    case it is dropped at every ``x``; and if it is not, the best case itself is a completion
+    that lets it in. So the test is :func:`replace_index` on the best case, with the same tie
+    rule: a best case that ties a member lets the child in (True), and so does an empty slot
+    (a zero row's fitness, 0, is never above the child's). In floating point a rejection also
+    needs the best-case margin to exceed a bound on the rounding of a fitness sum,
+    ``4 (P + N + 9) eps max f``, so that rounding at another completion cannot undo it; that
+    only matters within about ``1e-15 (P + N) max f`` of the tie tolerance.
 
-    For ``alpha > 1`` the child's term is not monotone (it peaks at ``s = r / (alpha - 1)``,
-    and without ``z = 0`` it is unbounded as ``s -> 0+`` on an example nobody in the archive
-    solves), so the test falls back on a sound bound: each member at its least fitness
-    (completion 1), the child at the sum of its per-example maxima, the tie margin at the
-    largest fitness any completion can reach (members at completion 0). It is True as soon as
-    an unevaluated example with ``c_j > 0`` is solved by no member. For ``alpha < 0`` (members
-    then gain from the child's scores), a non-finite ``alpha`` or a negative capacity on an
-    example, nothing is proven and the answer is True.
+    For ``alpha > 1`` the child's term is not monotone: it peaks at ``s = r / (alpha - 1)``,
+    and on an example no member solves it is ``s ** (1 - alpha)``, unbounded as ``s -> 0+``.
+    So the test falls back on a sound bound: each member at its least fitness (completion 1),
+    the child at the sum of its per-example maxima, the tie margin at the largest fitness any
+    completion can reach (members at completion 0). It is True as soon as an unevaluated
+    example with ``c_j > 0`` is solved by no member. For ``alpha < 0`` (members then gain from
+    the child's scores), a non-finite ``alpha`` or any negative capacity, nothing is proven and
+    the answer is True (unless every example is evaluated).
     """
     archive = _matrix(archive_scores, "archive_scores")
     n_rows, n_examples = archive.shape
