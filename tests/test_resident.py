@@ -201,6 +201,43 @@ def test_child_files_sharded_folders_and_mmap(models: dict[str, Path], tmp_path:
         assert torch.equal(tensor, model.state_dict()[name]), name
 
 
+def test_parent_a_read_straight_into_the_model(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tensors at 64-byte aligned file offsets: parent A is read into the parameters and the
+    child computed over it in place; still mergekit's bits. Buffers: kept, or not."""
+    from safetensors.torch import save_file
+
+    a, b = models["untied-float32-1"], models["untied-float32-2"]
+    tensors = load_tensors(a)
+    aligned = tmp_path / "aligned.safetensors"
+    for pad in range(64):  # the metadata's length moves the data's start
+        save_file(tensors, str(aligned), metadata={"pad": "x" * pad})
+        with Checkpoint(aligned) as checkpoint:
+            if all(e.start % 64 == 0 for e in checkpoint.entries.values()):
+                break
+    else:
+        pytest.fail("no padding aligns the tensors")
+    in_place: list[bool] = []
+    kernel = resident._split_slerp_into
+
+    def spy(x: torch.Tensor, y: torch.Tensor, *rest: object) -> None:
+        in_place.append(x.data_ptr() == rest[-1].data_ptr())  # type: ignore[attr-defined]
+        kernel(x, y, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(resident, "_split_slerp_into", spy)
+    model = resident_model(a, torch.float32)
+    merge_into_model(model, aligned, b, mix_ratio=0.35, split_point=0.55, keep_buffers=False)
+    assert_model_holds(model, reference(aligned, b, model.config, 0.35, 0.55))
+    assert in_place and all(in_place)
+    assert model not in resident._SCRATCH
+    merge_into_model(model, b, aligned, mix_ratio=0.35, split_point=0.55)
+    assert_model_holds(model, reference(b, aligned, model.config, 0.35, 0.55))
+    assert model in resident._SCRATCH
+    resident.release_buffers(model)
+    assert model not in resident._SCRATCH
+
+
 def test_identical_parents_give_the_parent(models: dict[str, Path]) -> None:
     a = models["tied-bfloat16-1"]
     model = resident_model(a, torch.bfloat16)

@@ -135,7 +135,7 @@ def test_plain_optuna_workers_share_one_archive(
     and prunes trials)."""
     url = _storage_url(kind, request, tmp_path)
     optuna.create_study(study_name="plain", storage=url)
-    n_each, archive_size = 20, 4
+    n_each, archive_size = 12, 4
     procs = [
         subprocess.Popen(
             worker_cmd("plain", url, "plain", str(n_each), str(archive_size)), env=worker_env()

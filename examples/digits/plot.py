@@ -137,14 +137,25 @@ def markdown(rows: list[dict[str, str]]) -> str:
 
 
 def speed_table(groups: list[Group]) -> str:
-    """Wall time, children/s and time shares of the M2N2-family runs, per (setting, method)."""
+    """Wall time, children/s and time shares per (setting, method), averaged over the runs.
+
+    The machine is shared, so wall-clock speed moves with its load: the table also gives the
+    rate per CPU-second of the run's own process and the 1-minute load average at the end.
+    """
     lines = [
         "| dataset, setting | method | runs | children | wall (s) | children/s "
+        "| children per CPU-s | load avg "
         "| sampler + Optuna (CMA-ES: ask + tell) | crossover + mutation | evaluation | logging |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in groups:
         walls = [r["wall_s"] for r in g.records]
+        per_cpu = [r["children_per_cpu_s"] for r in g.records if "children_per_cpu_s" in r]
+        loads = [
+            r["host"]["load_avg_1min_at_end"]
+            for r in g.records
+            if "load_avg_1min_at_end" in r["host"]
+        ]
         shares = {
             k: np.mean([r["time_s"][k] / r["wall_s"] for r in g.records])
             for k in g.records[0]["time_s"]
@@ -153,6 +164,8 @@ def speed_table(groups: list[Group]) -> str:
             f"| {g.dataset}, {g.setting} | {LABELS[g.method]} | {len(g.records)} "
             f"| {g.records[0]['children']:,} | {np.mean(walls):.0f} "
             f"| {np.mean([r['children_per_s'] for r in g.records]):.0f} "
+            f"| {f'{np.mean(per_cpu):.0f}' if per_cpu else '—'} "
+            f"| {f'{np.mean(loads):.1f}' if loads else '—'} "
             + " ".join(
                 f"| {100 * shares[k]:.0f} %"
                 for k in ("sampler_and_optuna", "crossover", "evaluation", "logging")

@@ -4,11 +4,11 @@
 child there reads both parents' state dicts (two models of memory), merges them into a child
 state dict (a third) and copies that into the model: three models on top of the model itself.
 Here the child is made one tensor at a time, in the model: parent A's and parent B's tensors are
-read from their safetensors files into two scratch buffers (allocated once per merge, the size
-of the largest tensor), and the kernel (:func:`m2n2_plugin.kernel.split_slerp`) writes the child
-into the model's parameter (its ``out=``). The memory a merge needs beyond the model is about
-three of the largest tensor (two buffers and the kernel's float32 result), not models, and
-nothing is left behind when it returns.
+read from their safetensors files into two scratch buffers (each the size of the largest tensor,
+kept with the model for its next merge), and the kernel's arithmetic
+(:func:`m2n2_plugin.kernel.split_slerp`) writes the child straight into the model's parameter.
+The memory a merge needs beyond the model is those two buffers (plus, for a bfloat16 or float16
+merge, the kernel's float32 temporaries of one tensor), not models.
 
 Parents are read with positioned reads (``os.preadv``) into those buffers, not through
 ``safetensors.safe_open``: ``safe_open`` memory-maps the file, and every page a merge touches
@@ -47,6 +47,7 @@ import math
 import os
 import struct
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Hashable
 from collections.abc import Iterable
@@ -58,12 +59,15 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 from typing import Any
 from typing import Literal
+from typing import cast
 
 import torch
 
 from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.kernel import MERGEKIT_DOT_THRESHOLD
+from m2n2_plugin.kernel import compute_dtype
 from m2n2_plugin.kernel import cosine
+from m2n2_plugin.kernel import slerp_coefficients
 from m2n2_plugin.kernel import split_slerp
 from m2n2_plugin.merge_method import M2N2ConfigError
 from m2n2_plugin.merge_method import ModelLayout
@@ -86,6 +90,7 @@ __all__ = [
     "load_checkpoint_into_model",
     "merge_checkpoints",
     "merge_into_model",
+    "release_buffers",
     "save_child",
     "save_model_tensors",
 ]
@@ -163,7 +168,7 @@ def _plain_cpu(tensor: torch.Tensor) -> bool:
 
 def _byte_view(tensor: torch.Tensor) -> memoryview:
     """A writable view of a contiguous CPU tensor's bytes (any dtype, bf16 included)."""
-    return memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
+    return tensor.detach().reshape(-1).view(torch.uint8).numpy().data
 
 
 class Checkpoint:
@@ -173,7 +178,12 @@ class Checkpoint:
     a context manager: the files stay open (and, with ``io="mmap"``, mapped) until it closes.
     """
 
-    def __init__(self, path: str | os.PathLike[str], io: IO = "read") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        io: IO = "read",
+        scratch: dict[torch.dtype, torch.Tensor] | None = None,
+    ) -> None:
         if io not in ("read", "mmap"):
             raise ValueError(f"io must be 'read' or 'mmap', got {io!r}")
         self.path = Path(path)
@@ -189,7 +199,8 @@ class Checkpoint:
         # readable through its open descriptor until this checkpoint closes.
         self._fds: list[int] = []
         self._mapped: dict[int, Any] = {}
-        self._scratch: dict[torch.dtype, torch.Tensor] = {}
+        # dtype -> byte buffer for ``reuse`` reads; the caller may lend one that outlives us.
+        self._scratch = {} if scratch is None else scratch
         try:
             for index, file in enumerate(self.files):
                 try:
@@ -238,11 +249,11 @@ class Checkpoint:
         self.close()
 
     def close(self) -> None:
-        """Close the files (unmapping them) and drop the scratch buffers."""
+        """Close the files (unmapping them) and let go of the scratch buffers."""
         while self._fds:
             os.close(self._fds.pop())
         self._mapped.clear()
-        self._scratch.clear()
+        self._scratch = {}  # a lent scratch stays with its owner
 
     def _safe_open(self, file: int) -> Any:
         handle = self._mapped.get(file)
@@ -275,7 +286,7 @@ class Checkpoint:
         if self.io == "mmap":
             return self._safe_open(entry.file).get_tensor(name)
         storage = self._scratch.get(entry.dtype) if reuse else None
-        if storage is None:
+        if storage is None or storage.numel() < entry.nbytes + _ALIGN:
             size = entry.nbytes
             if reuse:
                 size = max(e.nbytes for e in self.entries.values() if e.dtype == entry.dtype)
@@ -437,19 +448,50 @@ def _storage(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
+def _split_slerp_into(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    mix_ratio: float,
+    split_at: int,
+    cos: float,
+    out: torch.Tensor,
+) -> None:
+    """:func:`split_slerp`'s two element-wise steps per part, written straight into ``out``.
+
+    For ``a``, ``b`` and ``out`` of one dtype that the kernel computes in (float32, float64):
+    the kernel would compute the same two operations into a fresh buffer and copy it into
+    ``out``, one more pass over the tensor and, for the largest tensors, fresh pages faulted
+    in on every merge. ``out`` may be ``a`` (element-wise, each element is read before it is
+    written), never ``b``. test_resident.py checks the bits against the kernel's.
+    """
+    n = a.numel()
+    split = min(max(int(split_at), 0), n)
+    x, y, child = a.reshape(-1), b.reshape(-1), out.view(-1)
+    for lo, hi, t in ((0, split, mix_ratio), (split, n, 1.0 - mix_ratio)):
+        if hi <= lo:
+            continue
+        coef_a, coef_b = slerp_coefficients(t, cos, MERGEKIT_DOT_THRESHOLD)
+        part = child[lo:hi]
+        torch.mul(x[lo:hi], coef_a, out=part)
+        part.add_(y[lo:hi], alpha=coef_b)
+
+
 def _crossover_into(
     a: torch.Tensor, b: torch.Tensor, mix_ratio: float, split_at: int, out: torch.Tensor
 ) -> None:
-    """:func:`m2n2_crossover` written into ``out`` (``out`` may be ``a`` itself).
+    """:func:`m2n2_crossover` written into ``out`` (``out`` may be ``a`` itself, not ``b``).
 
     The same steps as ``m2n2_crossover``, so the same bits: identical parents give ``a``
     unchanged, otherwise the kernel with mergekit's lerp fallback. ``out`` must have ``a``'s
-    dtype: the kernel's ``out=`` then stores exactly what ``m2n2_crossover`` would return.
+    dtype, so that it stores exactly what ``m2n2_crossover`` would return.
     """
     cos = cosine(a, b)
     if cos > MERGEKIT_DOT_THRESHOLD and torch.equal(a, b):
         if out.data_ptr() != a.data_ptr():
             out.copy_(a)
+        return
+    if out.dtype == a.dtype == compute_dtype(a.dtype) and out.is_contiguous():
+        _split_slerp_into(a, b, mix_ratio, split_at, cos, out)
         return
     split_slerp(a, b, mix_ratio, split_at, cos=cos, dot_threshold=MERGEKIT_DOT_THRESHOLD, out=out)
 
@@ -524,6 +566,18 @@ def _check_model_tensors(
             raise M2N2Error(f"the model's tensor {name!r} is not in {what}")
 
 
+# The resident model's two scratch buffers (parent A's, parent B's; dtype -> bytes), kept for
+# its next merge: a fresh buffer costs a page fault per 4 KiB on every merge (~70 ms for the
+# 113 MB embedding matrix of SmolLM2-135M here). Weak: they go with the model.
+_SCRATCH: weakref.WeakKeyDictionary[torch.nn.Module, tuple[dict[torch.dtype, torch.Tensor], ...]]
+_SCRATCH = weakref.WeakKeyDictionary()
+
+
+def release_buffers(model: torch.nn.Module) -> None:
+    """Free the scratch buffers :func:`merge_into_model` keeps with ``model``."""
+    _SCRATCH.pop(model, None)
+
+
 def merge_into_model(
     model: torch.nn.Module,
     parent_a: str | os.PathLike[str],
@@ -536,6 +590,7 @@ def merge_into_model(
     dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
     io: IO = "read",
+    keep_buffers: bool = True,
 ) -> ResidentChild:
     """Merge parents A and B with ``m2n2`` straight into ``model``'s tensors, in place.
 
@@ -553,6 +608,9 @@ def merge_into_model(
         out_dtype: mergekit's ``out_dtype``: the child is cast to it (default: the merge
             dtype) before it is cast to the model's dtype.
         io: ``"read"`` (positioned reads, the default) or ``"mmap"`` (``safe_open``).
+        keep_buffers: keep the two scratch buffers (each the size of the largest tensor) with
+            the model for its next merge (:func:`release_buffers` frees them), instead of
+            allocating them afresh every time.
 
     Everything that can be checked (layout, names, shapes, parameters) is checked before the
     first tensor is written; an I/O error mid-way leaves the model partly overwritten.
@@ -565,9 +623,10 @@ def merge_into_model(
     _check_ratio(mix_ratio)
     if granularity not in GRANULARITIES:
         raise M2N2ConfigError(f"granularity must be 'element' or 'layer', got {granularity!r}")
-    config = model.config  # type: ignore[union-attr]
+    config = cast("PretrainedConfig", model.config)
     params = model.state_dict()
-    with Checkpoint(parent_a, io) as a, Checkpoint(parent_b, io) as b:
+    scratch_a, scratch_b = ({}, {}) if not keep_buffers else _SCRATCH.setdefault(model, ({}, {}))
+    with Checkpoint(parent_a, io, scratch_a) as a, Checkpoint(parent_b, io, scratch_b) as b:
         plan = _pair_plan(config, a, b)
         used = plan.layout if layout is None else layout
         if used.names != plan.layout.names or dict(used.shapes) != dict(plan.layout.shapes):
@@ -753,7 +812,7 @@ def save_child(model: torch.nn.Module, child: ResidentChild, path: str | os.Path
     tensors = merge_checkpoints(
         child.parent_a,
         child.parent_b,
-        config=model.config,  # type: ignore[arg-type]
+        config=cast("PretrainedConfig", model.config),
         mix_ratio=child.mix_ratio,
         split_point=child.split_point,
         granularity=child.granularity,
