@@ -13,7 +13,7 @@ two optional test aids:
   that phase, write ``FILE`` (JSON: phase, trial, pid) and sleep, so that the test can
   ``kill -9`` the process right there. ``merge``: the child is merged, not yet evaluated;
   ``evaluate``: lm-eval has scored a chunk of documents; ``save``: half of the child's
-  safetensors temp file is on disk.
+  safetensors temp file is on disk; ``saved``: the child's file is complete, the trial not.
 
 The second form is a plain Optuna study with M2N2Sampler and the hub tests' toy objective.
 """
@@ -43,8 +43,8 @@ def _pause_here(args: argparse.Namespace, phase: str) -> None:
 
 
 def _install_pause(args: argparse.Namespace) -> None:
-    import m2n2_plugin.merge_method as merge_method
     import m2n2_plugin.models as models
+    import m2n2_plugin.resident as resident
     from m2n2_plugin.evolve import Run
     from m2n2_plugin.fitness import LmEvalFitness
 
@@ -56,14 +56,15 @@ def _install_pause(args: argparse.Namespace) -> None:
 
     Run.objective = tracked  # type: ignore[method-assign]
 
-    merge = merge_method.m2n2_merge_state_dicts
+    # Run.objective imports these from m2n2_plugin.resident when it runs: patch them there.
+    merge = resident.merge_into_model
 
     def merging(*a: Any, **kw: Any) -> Any:
         out = merge(*a, **kw)
         _pause_here(args, "merge")
         return out
 
-    merge_method.m2n2_merge_state_dicts = merging  # type: ignore[assignment]
+    resident.merge_into_model = merging  # type: ignore[assignment]
 
     score = LmEvalFitness.score
 
@@ -86,6 +87,14 @@ def _install_pause(args: argparse.Namespace) -> None:
 
     models.save_file = saving  # type: ignore[assignment]
 
+    save_child = resident.save_child
+
+    def saved(*a: Any, **kw: Any) -> None:
+        save_child(*a, **kw)
+        _pause_here(args, "saved")
+
+    resident.save_child = saved  # type: ignore[assignment]
+
 
 def _barrier(folder: str, n: int) -> None:
     ready = Path(folder)
@@ -104,10 +113,9 @@ def _plain(url: str, study_name: str, n_trials: int, archive_size: int) -> None:
 
     here = Path(__file__).resolve().parent
     sys.path.insert(0, str(here.parent / "hub_package" / "samplers" / "m2n2" / "tests"))
+    from m2n2_plugin.hub import M2N2Sampler
     from m2n2_toy import ToyFailure
     from m2n2_toy import toy_objective
-
-    from m2n2_plugin.hub import M2N2Sampler
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     sampler = M2N2Sampler(archive_size=archive_size, seed=0)
@@ -125,7 +133,7 @@ def main(argv: list[str]) -> int:
     split = argv.index("--")
     parser = argparse.ArgumentParser()
     parser.add_argument("--barrier", nargs=2, metavar=("DIR", "N"))
-    parser.add_argument("--pause-at", choices=("merge", "evaluate", "save"))
+    parser.add_argument("--pause-at", choices=("merge", "evaluate", "save", "saved"))
     parser.add_argument("--from-trial", type=int, default=0)
     parser.add_argument("--signal")
     args = parser.parse_args(argv[:split])
@@ -138,7 +146,7 @@ def main(argv: list[str]) -> int:
     import transformers  # noqa: F401
 
     import m2n2_plugin.evolve  # noqa: F401
-    import m2n2_plugin.merge_method  # noqa: F401
+    import m2n2_plugin.resident  # noqa: F401
     from m2n2_plugin.cli import main as m2n2_main
 
     if args.pause_at:

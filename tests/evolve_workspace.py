@@ -119,7 +119,8 @@ def build_workspace(root: Path) -> Path:
     (custom / "utils.py").write_text(TASK_CODE)
     for fn in ("out_of_range", "not_a_number"):
         extra = f"process_results: !function utils.{fn}\n"
-        (custom / f"{fn}.yaml").write_text(MC_TASK.format(name=f"tiny_{fn}", data=data, extra=extra))
+        task = MC_TASK.format(name=f"tiny_{fn}", data=data, extra=extra)
+        (custom / f"{fn}.yaml").write_text(task)
     (custom / "bleu.yaml").write_text(GEN_TASK.format(data=data))
     (root / "seeds.yml").write_text(
         "merge_method: slerp\nbase_model: m0\nmodels:\n  - model: m0\n  - model: m1\n"
@@ -204,8 +205,9 @@ def check_study_and_files(out: Path, study: optuna.Study, archive_size: int) -> 
     member has its file and no other file (of an evicted member, a failed trial or a cut-short
     write) is left in ``<out>/archive``. Returns the archive.
     """
-    from m2n2_plugin.evolve import member_file
     from m2n2_plugin.hub import M2N2Sampler
+
+    from m2n2_plugin.evolve import member_file
 
     trials = study.get_trials(deepcopy=False)
     assert all(t.state.is_finished() for t in trials), [t.state for t in trials]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -70,6 +71,30 @@ class MemberEvicted(M2N2Error):
     moment a trial draws it as a parent and the moment it reads it; ``sync_files`` keeps the
     parents of running trials, so this is a rare race. The trial fails and the run goes on.
     """
+
+
+def checked_scores(number: int, scores: Any, n: int) -> np.ndarray:
+    """The fitness's scores for ``n`` documents as a vector, or a one-line M2N2Error.
+
+    The sampler checks them too, but only once the whole vector is in (and learns the length
+    from the first trial); early rejection feeds chunks to the archive's rule before that.
+    """
+    try:
+        vector = np.asarray(scores, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise M2N2Error(f"trial {number}: the fitness scores are not numbers ({exc})") from exc
+    if vector.shape != (n,):
+        raise M2N2Error(
+            f"trial {number}: the fitness gave {vector.shape} scores for {n} fitness documents "
+            "(one score per document expected)"
+        )
+    bad = np.flatnonzero(~(np.isfinite(vector) & (vector >= 0.0) & (vector <= 1.0)))
+    if bad.size:
+        raise M2N2Error(
+            f"trial {number}: invalid fitness scores: scores must be finite and lie in [0, 1], "
+            f"got {vector[bad[0]]} at index {bad[0]}"
+        )
+    return vector
 
 
 def member_file(out: Path, number: int) -> Path:
@@ -238,21 +263,11 @@ class Run:
         return float(scores.mean())
 
     def record_scores(self, trial: optuna.Trial, scores: np.ndarray) -> None:
-        """Hand the scores to the sampler; a bad vector is a one-line error, not a traceback.
-
-        The sampler checks values (finite, in [0, 1]) and the length against earlier trials;
-        the length is also checked against the fitness set here, which catches a wrong first
-        vector too (the sampler only learns N from the first one).
-        """
-        n = len(self.fitness_docs)
-        if np.ndim(scores) != 1 or len(scores) != n:
-            raise M2N2Error(
-                f"trial {trial.number}: the fitness gave {np.shape(scores)} scores for {n} "
-                "fitness documents (one score per document expected)"
-            )
+        """Hand the scores to the sampler; a bad vector is a one-line error, not a traceback."""
+        checked = checked_scores(trial.number, scores, len(self.fitness_docs))
         try:
-            self.sampler.set_scores(trial, scores)
-        except ValueError as exc:
+            self.sampler.set_scores(trial, checked)
+        except ValueError as exc:  # e.g. another length than the study's earlier trials
             raise M2N2Error(f"trial {trial.number}: invalid fitness scores: {exc}") from exc
 
     def admit(self, trial: optuna.Trial, scores: np.ndarray) -> bool:
@@ -321,7 +336,8 @@ class Run:
         evaluated = np.zeros(n, dtype=bool)
         for start in range(0, n, chunk):
             positions = np.sort(order[start : start + chunk])
-            scores[positions] = self.fitness.score(self.lm, self.fitness_docs.subset(positions))
+            chunk_scores = self.fitness.score(self.lm, self.fitness_docs.subset(positions))
+            scores[positions] = checked_scores(trial.number, chunk_scores, len(positions))
             evaluated[positions] = True
             done = int(evaluated.sum())
             if done < n and not can_enter(slot_scores, scores, evaluated, self.cfg.search.alpha):
@@ -454,25 +470,24 @@ def output_folder(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Pa
     return out
 
 
-#: What ``prepare`` itself may put in a new output folder before it fails.
-_PREPARE_FILES = {".write-test", "study.db", "study.db-journal", "study.db-wal", "study.db-shm"}
-
-
 def _prepare_or_clean(cfg: EvolveConfig, output_dir: str | Path | None) -> Run:
     """``prepare``; if it fails after creating the output folder, remove that folder again.
 
-    A failed first start (storage unreachable, a model that cannot be built) must not leave a
-    half-made folder behind, above all not a study whose fingerprint would then refuse the
-    corrected config. Only a folder this call created, holding nothing but what ``prepare``
-    writes, is removed; a folder another worker has started using is left alone.
+    A failed first start (e.g. a storage that cannot be reached) must not leave an empty
+    folder behind. Only an empty folder this call created is removed (``rmdir`` refuses any
+    other), so a folder another worker has started to use is left alone. A study created
+    before the failure holds no trial and takes the corrected config (see ``prepare``).
     """
     out = output_folder(cfg, output_dir)
     fresh = not out.exists()
     try:
         return prepare(cfg, output_dir)
     except BaseException:
-        if fresh and out.is_dir() and {f.name for f in out.iterdir()} <= _PREPARE_FILES:
-            shutil.rmtree(out, ignore_errors=True)
+        if fresh:
+            try:
+                out.rmdir()
+            except OSError:
+                pass
         raise
 
 
@@ -480,12 +495,24 @@ class _OneLineErrors(logging.Filter):
     """Drop Optuna's "Trial N failed" traceback for an M2N2Error: the CLI prints its one line.
 
     A trial that fails on bad input (invalid scores, a broken task) stops the run with
-    ``m2n2: error: ...``; Optuna would first log the same error with a full traceback.
+    ``m2n2: error: ...``; Optuna would first log the same error with a full traceback, then
+    "Trial N failed with value None." (both records are dropped).
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next: str | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(exc, M2N2Error) and not isinstance(exc, MemberEvicted))
+        if isinstance(exc, M2N2Error) and not isinstance(exc, MemberEvicted):
+            number = record.getMessage().split()[1]
+            self._next = f"Trial {number} failed with value"
+            return False
+        if self._next is not None and record.getMessage().startswith(self._next):
+            self._next = None
+            return False
+        return True
 
 
 def _write_outputs_locked(run: Run) -> None:
@@ -577,7 +604,7 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     # The output folder and the study.
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"  # one per worker: they start together
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
@@ -593,7 +620,8 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     study = _open_study(cfg, out, sampler)
     fp = _fingerprint(cfg, seeds, fitness_docs)
     old = study.user_attrs.get("m2n2.fingerprint")
-    if old is None:
+    # A study without trials (a start that failed after creating it) takes the new config.
+    if old is None or not study.get_trials(deepcopy=False):
         study.set_user_attr("m2n2.fingerprint", fp)
         study.set_user_attr("m2n2.fitness_labels", fitness_docs.labels())
         study.set_user_attr("m2n2.generation_settings", fitness.generation_settings())

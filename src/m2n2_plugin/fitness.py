@@ -66,9 +66,11 @@ def _quiet_lm_eval() -> None:
     trial would drown the evolve progress bar. Its modules import ``tqdm`` by name, so we point
     those names at a disabled bar (lm-eval offers no switch for this through ``evaluate``).
     """
+    import lm_eval.api.model
     import lm_eval.api.task
     import lm_eval.models.huggingface
 
+    lm_eval.api.model.tqdm = _silent_tqdm  # type: ignore[attr-defined]
     lm_eval.api.task.tqdm = _silent_tqdm  # type: ignore[attr-defined]
     lm_eval.models.huggingface.tqdm = _silent_tqdm  # type: ignore[attr-defined]
     for name in ("lm-eval", "lm_eval", "lm_eval.evaluator", "lm_eval.models.huggingface"):

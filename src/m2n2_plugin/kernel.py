@@ -65,12 +65,32 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
         raise TypeError(f"split-point SLERP needs floating-point tensors, got {a.dtype}")
 
 
+#: Elements per block of the norm/dot sums (fixed, so the summation order never changes).
+SUM_BLOCK = 1 << 20
+
+
 def _partial_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
-    """(|a|^2, |b|^2, <a, b>) in the compute dtype, as Python floats."""
+    """(|a|^2, |b|^2, <a, b>) as Python floats, reproducible across machines and settings.
+
+    The angle decides every coefficient of the child, so it must not depend on how the sum is
+    computed. A float32 ``torch.dot`` over tens of millions of elements does: its result moves
+    in the 4th significant digit with the number of threads (and is that far off), and in the
+    last bits with the tensors' memory alignment. So each product is rounded in the compute
+    dtype (elementwise: deterministic) and summed in float64 over fixed blocks added in order;
+    the result was bit-identical with 1 and 2 threads and any alignment we tried, and a rebuild
+    of the same merge elsewhere gives the same bits.
+    """
     work = compute_dtype(a.dtype)
-    x = a.reshape(-1).to(work)
-    y = b.reshape(-1).to(work)
-    return float(torch.dot(x, x)), float(torch.dot(y, y)), float(torch.dot(x, y))
+    x = a.reshape(-1)
+    y = b.reshape(-1)
+    aa = bb = ab = 0.0
+    for lo in range(0, x.numel(), SUM_BLOCK):
+        xs = x[lo : lo + SUM_BLOCK].to(work)
+        ys = y[lo : lo + SUM_BLOCK].to(work)
+        aa += float(torch.sum(xs * xs, dtype=torch.float64))
+        bb += float(torch.sum(ys * ys, dtype=torch.float64))
+        ab += float(torch.sum(xs * ys, dtype=torch.float64))
+    return aa, bb, ab
 
 
 def _cosine_from_sums(aa: float, bb: float, ab: float, eps: float = NORM_EPS) -> float:

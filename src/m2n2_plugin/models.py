@@ -71,6 +71,9 @@ def seeds_from_mergekit(data: dict[str, Any], base_dir: Path) -> tuple[list[Seed
         raise M2N2Error(
             f"mergekit_config is not a valid mergekit config: {where}: {err['msg']}"
         ) from exc
+    except (ValueError, RuntimeError) as exc:  # mergekit's own checks, e.g. no `models:`
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise M2N2Error(f"mergekit_config is not a valid mergekit config: {msg}") from exc
     names: list[str] = []
     if mc.models:
         names = [str(m.model.model.path) for m in mc.models]

@@ -356,17 +356,18 @@ _PLANS_LOCK = threading.Lock()
 _PLANS_MAX = 16
 
 
-def _pair_plan(
-    config: PretrainedConfig, a: Checkpoint, b: Checkpoint, *, refresh: bool = False
-) -> _PairPlan:
+def _pair_plan(config: PretrainedConfig, a: Checkpoint, b: Checkpoint) -> _PairPlan:
     """The layout of parent A checked against B, as mergekit's ``m2n2`` builds it.
+
+    Cached per (config, A's names and shapes, B's names and shapes): in an evolve run every
+    pair of parents has the same shapes, so the architecture is matched once per process.
 
     Tied weights follow :func:`m2n2_merge_state_dicts`: with a config that ties word
     embeddings, an optional tied weight (``lm_head``) is not counted even if a file stores it.
     """
     key = (id(config), tuple(a.shapes.items()), tuple(b.shapes.items()))
     with _PLANS_LOCK:
-        hit = None if refresh else _PLANS.get(key)
+        hit = _PLANS.get(key)
         if hit is not None and hit[0] is config:
             _PLANS.move_to_end(key)
             return hit[1]

@@ -92,7 +92,30 @@ class FoldState:
             self.slots = [None] * self.archive_size
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FOLD_FORMAT, **dataclasses.asdict(self)}
+        # What ``{"format": FOLD_FORMAT, **dataclasses.asdict(self)}`` gives, without its
+        # recursive deep copy (every field is a scalar or a flat list of scalars).
+        return {
+            "format": FOLD_FORMAT,
+            "archive_size": self.archive_size,
+            "alpha": self.alpha,
+            "position": self.position,
+            "slots": list(self.slots),
+            "n_examples": self.n_examples,
+            "seeds": list(self.seeds),
+            "n_folded": self.n_folded,
+        }
+
+    def copy(self) -> FoldState:
+        """An independent copy (the lists are copied), cheaper than ``copy.deepcopy``."""
+        return FoldState(
+            self.archive_size,
+            self.alpha,
+            self.position,
+            list(self.slots),
+            self.n_examples,
+            list(self.seeds),
+            self.n_folded,
+        )
 
     @classmethod
     def from_json(cls, value: Any) -> FoldState:

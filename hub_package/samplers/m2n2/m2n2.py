@@ -45,6 +45,7 @@ from ._state import PLAN_KEY
 from ._state import SCORES_KEY
 from .niches import can_enter
 from .niches import draw_parents
+from .niches import example_weights
 from .niches import replace_index
 from .niches import shared_fitness
 
@@ -166,6 +167,12 @@ class _StudyCache:
     plans: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
     warned: set[str] = dataclasses.field(default_factory=set)
     n_examples: int | None = None
+    #: The last fold state seen or written: (its stored JSON, the state, its score matrix).
+    #: Reused while the study's stored fold state equals that JSON; never mutated.
+    fold: tuple[Any, FoldState, NDArray[np.float64]] | None = None
+    #: (score matrix, its example weights, its shared fitness) for the last matrix parents
+    #: were drawn from (the matrix is read-only, so identity means the same archive).
+    weights: tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]] | None = None
 
 
 def _validate_scores(scores: ArrayLike) -> NDArray[np.float64]:
@@ -177,6 +184,8 @@ def _validate_scores(scores: ArrayLike) -> NDArray[np.float64]:
         raise ValueError(f"scores must be 1-D (one value per example), got shape {vector.shape}")
     if vector.size == 0:
         raise ValueError("scores must hold at least one example, got an empty vector")
+    if np.all((vector >= 0.0) & (vector <= 1.0)):  # NaN fails both comparisons
+        return vector
     bad = np.flatnonzero(~np.isfinite(vector))
     if bad.size:
         raise ValueError(f"scores must be finite, got {vector[bad[0]]} at index {bad[0]}")
@@ -402,12 +411,23 @@ class M2N2Sampler(BaseSampler):
                 # Tell later trials this one is no seed before waiting for one to finish.
                 storage.set_trial_system_attr(trial._trial_id, PLAN_KEY, plan | {"parents": None})
                 state, matrix = self._wait_for_member(study, trial.number)
+            with self._lock:
+                memo = self._cache(study).weights
+            if memo is not None and memo[0] is matrix:
+                _, weights, fitness = memo  # the archive did not change since the last draw
+            else:
+                weights = example_weights(matrix, self._alpha)
+                fitness = (matrix * weights).sum(axis=1)  # shared_fitness(matrix, alpha)
+                with self._lock:
+                    self._cache(study).weights = (matrix, weights, fitness)
             a, b = draw_parents(
                 matrix,
                 rng,
                 self._alpha,
                 filled=state.filled,
                 use_attraction=self._use_attraction,
+                weights=weights,
+                fitness=fitness,
             )
             plan["parents"] = [state.slots[a], state.slots[b]]
         else:
@@ -512,8 +532,13 @@ class M2N2Sampler(BaseSampler):
 
     def _cache(self, study: Study) -> _StudyCache:
         """Memo for one study (callers hold ``self._lock`` around mutations)."""
-        per_storage = self._caches.setdefault(study._storage, {})
-        return per_storage.setdefault(study._study_id, _StudyCache())
+        per_storage = self._caches.get(study._storage)
+        if per_storage is None:
+            per_storage = self._caches.setdefault(study._storage, {})
+        cache = per_storage.get(study._study_id)
+        if cache is None:
+            cache = per_storage.setdefault(study._study_id, _StudyCache())
+        return cache
 
     def _warn_once(self, study: Study, key: str, message: str) -> None:
         with self._lock:
@@ -532,16 +557,24 @@ class M2N2Sampler(BaseSampler):
         """
         storage, study_id = study._storage, study._study_id
         stored = storage.get_study_system_attrs(study_id).get(FOLD_KEY)
-        if stored is None:
-            state = FoldState(self._archive_size, self._alpha)
+        with self._lock:
+            memo = self._cache(study).fold
+        if memo is not None and (memo[0] is stored or memo[0] == stored):
+            # The stored state is the one this process decoded or wrote last: reuse its
+            # decoded form (copied, as the fold below changes it in place).
+            state, matrix = memo[1].copy(), memo[2]
         else:
-            state = FoldState.from_json(stored)
-        if (state.archive_size, state.alpha) != (self._archive_size, self._alpha):
-            raise ValueError(
-                f"this study's M2N2 archive was built with archive_size={state.archive_size}, "
-                f"alpha={state.alpha}; create the sampler with the same values"
-            )
-        matrix = self._matrix(study, state)
+            if stored is None:
+                state = FoldState(self._archive_size, self._alpha)
+            else:
+                state = FoldState.from_json(stored)
+            if (state.archive_size, state.alpha) != (self._archive_size, self._alpha):
+                raise ValueError(
+                    f"this study's M2N2 archive was built with archive_size="
+                    f"{state.archive_size}, alpha={state.alpha}; create the sampler with the "
+                    "same values"
+                )
+            matrix = self._matrix(study, state)
         start = state.position
         while current is None or state.position < current:  # the current trial is unfinished
             try:
@@ -565,13 +598,17 @@ class M2N2Sampler(BaseSampler):
                 matrix = self._fold(study, state, matrix, trial)
             state.position += 1
         if state.position > start:
-            storage.set_study_system_attr(study_id, FOLD_KEY, state.to_json())
+            stored = state.to_json()
+            storage.set_study_system_attr(study_id, FOLD_KEY, stored)
             with self._lock:
                 rows = self._cache(study).rows
                 if len(rows) > 2 * self._archive_size:
                     members = set(state.slots)
                     for number in [n for n in rows if n not in members]:
                         del rows[number]
+        matrix.setflags(write=False)  # shared with the memo: the fold copies before writing
+        with self._lock:
+            self._cache(study).fold = (stored, state, matrix)
         return state, matrix
 
     def _fold(
@@ -614,6 +651,7 @@ class M2N2Sampler(BaseSampler):
             state.seeds.append(int(seed))
         if slot is not None:
             state.slots[slot] = trial.number
+            matrix = matrix.copy()  # the old matrix may be shared (memo, other threads)
             matrix[slot] = scores
             scores.setflags(write=False)
             with self._lock:

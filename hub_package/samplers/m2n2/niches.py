@@ -146,7 +146,14 @@ def replace_index(
     child = np.asarray(child_scores, dtype=np.float64)
     if child.shape != (archive.shape[1],):
         raise ValueError(f"child_scores must have shape ({archive.shape[1]},), got {child.shape}")
-    fitness = shared_fitness(np.vstack([archive, child]), alpha, capacity)
+    # shared_fitness(np.vstack([archive, child]), alpha, capacity), the same sums in the same
+    # order (numpy adds the rows of an axis-0 sum one after another, the child last), without
+    # copying the archive: in the sampler's loop fresh archive-sized arrays cost more than the
+    # arithmetic.
+    load = archive.sum(axis=0) + child
+    load[load == 0.0] = 1.0
+    weights = _capacity(capacity, archive.shape[1]) / load**alpha
+    fitness = np.append((archive * weights).sum(axis=1), (child * weights).sum())
     loser = first_argmin(fitness)
     return None if loser == archive.shape[0] else loser
 
@@ -366,16 +373,49 @@ def draw_parents(
     capacity: ArrayLike | None = None,
     filled: ArrayLike | None = None,
     use_attraction: bool = True,
+    *,
+    weights: ArrayLike | None = None,
+    fitness: ArrayLike | None = None,
 ) -> tuple[int, int]:
     """Draw the rows of parent A and parent B (two ``rng.random()`` calls, A first).
 
     With ``use_attraction=False`` (the paper's ablation) A and B are i.i.d. proportional to
     shared fitness, with replacement, so A = B is possible.
+
+    The draws are exactly those of :func:`parent_a_probabilities` and
+    :func:`parent_b_probabilities`, with the example weights and the shared fitness computed
+    once. A caller that keeps them for an unchanged archive may pass them: ``weights`` must be
+    ``example_weights(scores, alpha, capacity)`` and ``fitness`` (only with ``weights``)
+    ``shared_fitness(scores, alpha, capacity)``.
     """
-    p_a = parent_a_probabilities(scores, alpha, capacity, filled)
-    a = draw_index(rng, p_a)
-    if use_attraction:
-        p_b = parent_b_probabilities(scores, a, alpha, capacity, filled)
+    matrix = _matrix(scores)
+    mask = _filled_mask(filled, matrix.shape[0])
+    if weights is None:
+        w = example_weights(matrix, alpha, capacity)
+        fitness = None
     else:
-        p_b = p_a
+        w = np.asarray(weights, dtype=np.float64)
+    if fitness is None:
+        f: NDArray[np.float64] = (matrix * w).sum(axis=1)  # shared_fitness(matrix, ...)
+    else:
+        f = np.asarray(fitness, dtype=np.float64)
+    p_a = _normalise(np.where(mask, f, 0.0), mask)
+    a = draw_index(rng, p_a)
+    if not use_attraction:
+        return a, draw_index(rng, p_a)
+    # parent_b_probabilities(matrix, a, alpha, capacity, filled), reusing w and f
+    gain = np.subtract(matrix, matrix[a])
+    np.maximum(gain, 0.0, out=gain)
+    gain *= w
+    pull = np.where(mask, gain.sum(axis=1), 0.0)
+    if float(pull.sum()) > 0.0:
+        p_b = pull / float(pull.sum())
+    else:
+        others = mask.copy()
+        others[a] = False
+        if not others.any():
+            p_b = np.zeros(matrix.shape[0])
+            p_b[a] = 1.0
+        else:
+            p_b = _normalise(np.where(others, f, 0.0), others)
     return a, draw_index(rng, p_b)
