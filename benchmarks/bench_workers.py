@@ -145,7 +145,8 @@ def run_once(config: Path, folder: Path, n_workers: int, n_trials: int, url: str
         report = folder / f"report-{out.name}-{i}.json"
         cmd = [sys.executable, str(HERE), "--worker", str(report), str(barrier), str(n_workers)]
         cmd += ["--", "evolve", str(run_config), "--no-progress"]
-        procs.append((subprocess.Popen(cmd, env=env, cwd=folder), report))
+        proc = subprocess.Popen(cmd, env=env, cwd=folder, stdout=subprocess.DEVNULL)
+        procs.append((proc, report))
     for proc, _ in procs:
         if proc.wait() != 0:
             raise SystemExit(f"a worker failed ({proc.returncode})")
