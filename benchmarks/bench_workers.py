@@ -10,11 +10,13 @@ so that all W run together; every run has the same budget (``--trials``, the stu
 * storage round trips per trial: SQL statements sent by each worker during ``optimize``
   (SQLAlchemy ``before_cursor_execute`` events), summed over the workers, per finished trial,
   split by who sent them: ``sampler`` (M2N2Sampler: planning a trial, storing its scores,
-  folding the archive for the objective and ``sync_files``), ``admit`` (``Run.admit`` waiting for
-  lower-numbered trials: polling the fold and failing stale trials), ``other`` (Optuna's own
-  trial bookkeeping, the user attrs ``m2n2 evolve`` writes, ``sync_files``' reads of running
-  trials) and ``heartbeat`` (Optuna's heartbeat thread);
-* wait: the mean seconds a child spent in ``Run.admit`` (``m2n2.timing`` user attr).
+  folding the archive for the objective and ``sync_files``), ``wait`` (``Run.fold_up_to``: a
+  child waiting for the lower-numbered trials before it is admitted or rejected, polling the
+  fold and failing stale trials), ``other`` (Optuna's own trial bookkeeping, the user attrs
+  ``m2n2 evolve`` writes, ``sync_files``' reads of running trials) and ``heartbeat`` (Optuna's
+  heartbeat thread);
+* wait: the mean seconds a child that was scored in full spent in ``Run.admit``
+  (``m2n2.timing`` user attr).
 
     python benchmarks/bench_workers.py                            # SQLite in the output folder
     python benchmarks/bench_workers.py --storage postgresql+psycopg2://m2n2@127.0.0.1:5432/db
@@ -59,7 +61,7 @@ def _worker(report: Path, barrier: Path, n_workers: int, argv: list[str]) -> int
 
     sampler_file = sampler_module.__file__
     evolve_file = evolve.__file__
-    counts = {"sampler": 0, "admit": 0, "other": 0, "heartbeat": 0}
+    counts = {"sampler": 0, "wait": 0, "other": 0, "heartbeat": 0}
     state = {"on": False, "trials": 0}
 
     def on_execute(*_: Any) -> None:
@@ -72,11 +74,11 @@ def _worker(report: Path, barrier: Path, n_workers: int, argv: list[str]) -> int
         kind = "other"
         while frame is not None:
             code = frame.f_code
-            if code.co_filename == evolve_file and code.co_name == "admit":
-                kind = "admit"
+            if code.co_filename == evolve_file and code.co_name == "fold_up_to":
+                kind = "wait"
                 break
             if code.co_filename == sampler_file:
-                kind = "sampler"  # keep looking: the sampler's fold inside admit is admit's
+                kind = "sampler"  # keep looking: the sampler's fold while waiting is a wait
             frame = frame.f_back
         counts[kind] += 1
 
@@ -106,6 +108,47 @@ def _worker(report: Path, barrier: Path, n_workers: int, argv: list[str]) -> int
     code = main(argv)
     report.write_text(json.dumps({"counts": counts, "trials_run": state["trials"]}))
     return code
+
+
+def plain_round_trips(url: str, n_trials: int = 200) -> dict[str, float]:
+    """SQL statements per trial of a plain Optuna study with M2N2Sampler (one process).
+
+    The objective is the hub tests' toy (random 0/1 scores over 12 examples, set_scores, no
+    files); ``sampler`` counts what M2N2Sampler sends, ``other`` Optuna's own bookkeeping.
+    """
+    import m2n2_plugin.hub.m2n2 as sampler_module
+    import optuna
+    import sqlalchemy
+    import sqlalchemy.event
+    from m2n2_plugin.hub import M2N2Sampler
+
+    sys.path.insert(0, str(HERE.parents[1] / "hub_package" / "samplers" / "m2n2" / "tests"))
+    from m2n2_toy import toy_objective
+
+    counts = {"sampler": 0, "other": 0}
+    state = {"on": False}
+
+    def on_execute(*_: Any) -> None:
+        if not state["on"]:
+            return
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code.co_filename == sampler_module.__file__:
+                counts["sampler"] += 1
+                return
+            frame = frame.f_back
+        counts["other"] += 1
+
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", on_execute)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = M2N2Sampler(archive_size=20, n_seeds=2, seed=0)
+    study = optuna.create_study(storage=url, sampler=sampler, study_name="plain")
+    study.optimize(toy_objective(sampler), n_trials=20)  # the seeds and the first children
+    state["on"] = True
+    study.optimize(toy_objective(sampler), n_trials=n_trials)
+    state["on"] = False
+    sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", on_execute)
+    return {k: v / n_trials for k, v in counts.items()}
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -157,7 +200,7 @@ def run_once(config: Path, folder: Path, n_workers: int, n_trials: int, url: str
     start = min(t.datetime_start for t in done)
     end = max(t.datetime_complete for t in done)
     minutes = (end - start).total_seconds() / 60
-    counts = {"sampler": 0, "admit": 0, "other": 0, "heartbeat": 0}
+    counts = {"sampler": 0, "wait": 0, "other": 0, "heartbeat": 0}
     for _, report in procs:
         for key, value in json.loads(report.read_text())["counts"].items():
             counts[key] += value
@@ -210,12 +253,18 @@ def main() -> None:
                 f"{n} worker(s): {r['trials_per_minute']:6.1f} trials/min "
                 f"({r['finished']} trials, {r['pruned']} pruned, {r['minutes']:.2f} min; "
                 f"load before {r['load_before']:.1f}); round trips/trial: sampler "
-                f"{rt['sampler']:.1f}, admit {rt['admit']:.1f}, other {rt['other']:.1f}, "
+                f"{rt['sampler']:.1f}, wait {rt['wait']:.1f}, other {rt['other']:.1f}, "
                 f"heartbeat {rt['heartbeat']:.1f}; mean admit wait {r['mean_wait_s']:.3f} s",
                 flush=True,
             )
+    url = _fresh_storage(args.storage, "plain") or f"sqlite:///{folder / uuid.uuid4().hex}.db"
+    plain = plain_round_trips(url)
+    print(
+        f"plain Optuna study, 1 process: round trips/trial: sampler {plain['sampler']:.1f}, "
+        f"other {plain['other']:.1f}"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps({"runs": results, "plain": plain}, indent=2))
 
 
 if __name__ == "__main__":

@@ -278,14 +278,22 @@ class Run:
         change that archive: deciding now could skip the file of a child the fold then admits
         (its parents' files would be missing later) or write one it never needs. So wait until
         every trial below ``n`` has finished -- the fold then stops exactly at ``n``, which is
-        RUNNING -- and ask that archive. Dead workers' trials are failed by heartbeat while
-        waiting. One worker never waits; N workers wait for at most N - 1 trials.
+        RUNNING -- and ask that archive. One worker never waits; N workers wait for at most
+        N - 1 trials.
+        """
+        return self.fold_up_to(trial).entry_slot(scores) is not None
+
+    def fold_up_to(self, trial: optuna.Trial) -> Any:
+        """The archive this trial will be folded into: wait until every lower trial is done.
+
+        Polls the storage; dead workers' trials are failed by heartbeat meanwhile (a warning
+        is logged after ``ADMIT_WARNING_S`` seconds, e.g. when the heartbeat is off).
         """
         pause, start, warned = 0.005, time.monotonic(), False
         while True:
             arch = self.sampler.archive(self.study)
             if arch.position >= trial.number:
-                return arch.entry_slot(scores) is not None
+                return arch
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(self.study)  # no-op without a heartbeat
@@ -341,6 +349,14 @@ class Run:
             evaluated[positions] = True
             done = int(evaluated.sum())
             if done < n and not can_enter(slot_scores, scores, evaluated, self.cfg.search.alpha):
+                if arch.position < trial.number:
+                    # Several workers: trials below this one were still running when `arch`
+                    # was read. Decide on the archive this trial is folded into, or the
+                    # rejection would not be exact (waiting is short: see Run.admit).
+                    arch = self.fold_up_to(trial)
+                    slot_scores = arch.slot_scores
+                    if can_enter(slot_scores, scores, evaluated, self.cfg.search.alpha):
+                        continue
                 trial.set_user_attr("m2n2.docs_evaluated", done)
                 trial.report(float(scores[evaluated].mean()), step=done)
                 raise optuna.TrialPruned(f"cannot enter the archive ({done}/{n} documents)")
