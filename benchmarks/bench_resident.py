@@ -147,7 +147,7 @@ def worker(mode: str, a: Path, b: Path, children: int, threads: int) -> dict[str
             split_point=split_point,
             config=model.config,
         )
-        params = model.state_dict()  # as Run.load_into_model did
+        params = model.state_dict()  # as the naive path copies a state dict
         with torch.no_grad():
             for name, value in tensors.items():
                 params[name].copy_(value)

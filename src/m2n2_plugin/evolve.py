@@ -44,7 +44,6 @@ from m2n2_plugin.fitness import resolve_doc_ids
 from m2n2_plugin.models import Seed
 from m2n2_plugin.models import check_compatible
 from m2n2_plugin.models import check_tokenizers
-from m2n2_plugin.models import read_tensors
 from m2n2_plugin.models import seeds_from_mergekit
 
 LOG = logging.getLogger("m2n2")
@@ -134,21 +133,12 @@ class Run:
     merge_dtype: torch.dtype | None
     out_dtype: torch.dtype | None
     timings: dict[int, TrialTiming] = field(default_factory=dict)
-    _seed_cache: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    _tied: set[str] = field(default_factory=set)
 
     # ----------------------------------------------------------------- archive helpers
     def trial_attrs(self, number: int) -> dict[str, Any]:
         storage = self.study._storage
         tid = storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
         return storage.get_trial(tid).user_attrs
-
-    def member_tensors(self, number: int) -> dict[str, torch.Tensor]:
-        """The tensors of archive member ``number`` (a seed's own files, or our copy)."""
-        attrs = self.trial_attrs(number)
-        if "m2n2.seed" in attrs:
-            return self.seed_tensors(int(attrs["m2n2.seed"]))
-        return read_tensors(self.member_path(number, attrs))
 
     def member_path(self, number: int, attrs: dict[str, Any] | None = None) -> Path:
         """Where archive member ``number``'s weights are: a seed's folder, or our file."""
@@ -169,32 +159,24 @@ class Run:
             )
         return path
 
-    def seed_tensors(self, index: int) -> dict[str, torch.Tensor]:
-        if index not in self._seed_cache:
-            tensors = read_tensors(self.seeds[index].path)
-            if self.merge_dtype is not None:
-                tensors = {k: v.to(self.merge_dtype) for k, v in tensors.items()}
-            # Seeds are read often (every child of a seed); keep the two most recent.
-            if len(self._seed_cache) >= 2:
-                self._seed_cache.pop(next(iter(self._seed_cache)))
-            self._seed_cache[index] = tensors
-        return self._seed_cache[index]
+    def load_seed(self, index: int) -> None:
+        """Put seed ``index`` into the resident model, one tensor at a time (``dtype`` applied)."""
+        from m2n2_plugin.resident import load_checkpoint_into_model
 
-    def load_into_model(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy a state dict into the resident evaluation model, in place."""
-        params = self.model.state_dict()
-        with torch.no_grad():
-            for name, value in tensors.items():
-                if name not in params:
-                    raise M2N2Error(f"tensor {name!r} does not belong to the model")
-                params[name].copy_(value)
-        missing = set(params) - set(tensors) - self._tied
-        if missing:
-            raise M2N2Error(f"the merged model lacks tensor {sorted(missing)[0]!r}")
+        load_checkpoint_into_model(self.model, self.seeds[index].path, dtype=self.merge_dtype)
+
+    def load_member(self, number: int) -> None:
+        """Put archive member ``number`` into the resident model (a seed, or our file)."""
+        from m2n2_plugin.resident import load_checkpoint_into_model
+
+        attrs = self.trial_attrs(number)
+        if "m2n2.seed" in attrs:
+            self.load_seed(int(attrs["m2n2.seed"]))
+        else:
+            load_checkpoint_into_model(self.model, self.member_path(number, attrs))
 
     # ----------------------------------------------------------------- one trial
     def objective(self, trial: optuna.Trial) -> float:
-        from m2n2_plugin.resident import load_checkpoint_into_model
         from m2n2_plugin.resident import merge_into_model
         from m2n2_plugin.resident import save_child
 
@@ -215,7 +197,7 @@ class Run:
             seed = self.seeds[seed_index]
             trial.set_user_attr("m2n2.seed", seed_index)
             trial.set_user_attr("m2n2.model", seed.name)
-            load_checkpoint_into_model(self.model, seed.path, dtype=self.merge_dtype)
+            self.load_seed(seed_index)
             timing.load = time.perf_counter() - t0
         else:
             a, b = parents
@@ -678,8 +660,6 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         merge_dtype=DTYPES.get(carried.get("dtype", "")),
         out_dtype=DTYPES.get(carried.get("out_dtype") or carried.get("dtype", "")),
     )
-    # Tensors the model has but the files lack are tied to another (e.g. lm_head = embeddings).
-    run._tied = set(model.state_dict()) - set(check_compatible(seeds[:1]))
     return run
 
 

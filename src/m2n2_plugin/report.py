@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
@@ -98,14 +100,14 @@ def write_lineage(run: Run, number: int, path: Path) -> int:
     return len(docs)
 
 
-def heldout_scores(run: Run, number: int, key: str) -> dict[str, float]:
-    """Mean held-out score per task of archive member ``number`` (cached in the study)."""
+def heldout_scores(run: Run, load: Callable[[], None], key: str) -> dict[str, float]:
+    """Mean held-out score per task of the model ``load()`` puts in place (cached under
+    ``key`` in the study, so a resumed run does not evaluate it again)."""
     if not len(run.heldout_docs):
         return {}
     cache = dict(run.study.user_attrs.get("m2n2.heldout", {}))
     if key not in cache:
-        tensors = run.member_tensors(number) if number >= 0 else run.seed_tensors(-number - 1)
-        run.load_into_model(tensors)
+        load()
         scores = run.fitness.score(run.lm, run.heldout_docs)
         per_task: dict[str, float] = {}
         pos = 0
@@ -239,12 +241,12 @@ def write_outputs(run: Run) -> dict[str, Any]:
     best = arch.best()
     heldout: dict[str, dict[str, float]] = {}
     if len(run.heldout_docs):
-        heldout["M2N2 best"] = heldout_scores(run, best, f"trial:{best}")
+        heldout["M2N2 best"] = heldout_scores(run, lambda: run.load_member(best), f"trial:{best}")
         for i, s in enumerate(run.seeds):
-            heldout[f"seed {s.name}"] = heldout_scores(run, -i - 1, f"seed:{i}")
+            heldout[f"seed {s.name}"] = heldout_scores(run, partial(run.load_seed, i), f"seed:{i}")
     tmp = Path(tempfile.mkdtemp(prefix=".best-tmp-", dir=run.out))
     try:
-        run.load_into_model(run.member_tensors(best))
+        run.load_member(best)
         run.model.save_pretrained(tmp, safe_serialization=True)
         run.tokenizer.save_pretrained(tmp)
         n_merges = write_lineage(run, best, tmp / "lineage.yml")
