@@ -1,8 +1,10 @@
-"""A tiny `m2n2 evolve` workspace and the checks shared by the worker, crash and bad-input tests.
+"""A tiny `m2n2 evolve` workspace and the checks shared by the evolve, worker, crash and
+bad-input tests.
 
 The workspace holds random tiny Llamas (three alike, one wider, one with a permuted
 vocabulary), a tiny GPT-2 (another architecture), a local multiple-choice lm-eval task and a
 mergekit config naming three seeds. Everything is built offline in a few seconds.
+``write_gsm_task`` adds a GSM8k-format generation task to a task folder.
 """
 
 from __future__ import annotations
@@ -57,6 +59,40 @@ generation_kwargs:
   do_sample: false
 metric_list:
   - metric: bleu
+"""
+
+# A GSM8k-format task: lm-eval's gsm8k prompt, filters and metric over local JSONL. Its own
+# generation settings differ from those the tests pass in gen_kwargs, so an override shows.
+GSM_TASK = """\
+task: tiny_gsm
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["Question:"]
+  max_gen_toks: 4
+  do_sample: false
+filter_list:
+  - name: strict-match
+    filter:
+      - function: regex
+        regex_pattern: "#### (\\\\-?[0-9\\\\.\\\\,]+)"
+      - function: take_first
+  - name: flexible-extract
+    filter:
+      - function: regex
+        group_select: -1
+        regex_pattern: "(-?[$0-9.,]{{2,}})|(-?[0-9]+)"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
 """
 
 # Per-document results a task computes with its own Python code (lm-eval's !function).
@@ -127,6 +163,19 @@ def build_workspace(root: Path) -> Path:
         "  - model: m2\nparameters:\n  t: 0.5\ndtype: float32\n"
     )
     return root
+
+
+def write_gsm_task(tasks: Path) -> None:
+    """The GSM8k-format task ``tiny_gsm`` in ``tasks``: nine sums, document 0 is "0+0"."""
+    rows = [
+        {"question": f"{a}+{b}", "answer": f"{a} plus {b}\n#### {a + b}"}
+        for a in range(3)
+        for b in range(3)
+    ]
+    tasks.mkdir(parents=True, exist_ok=True)
+    data = tasks / "gsm.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "gsm.yaml").write_text(GSM_TASK.format(data=data))
 
 
 def config_dict(name: str, **overrides: Any) -> dict[str, Any]:

@@ -116,7 +116,7 @@ BEFORE_ANY_TRIAL: list[tuple[str, Any, str]] = [
     (
         "archive-size-1",
         {"search__archive_size": 1},
-        "search.archive_size: Input should be greater",
+        "search.archive_size: Input should be greater than or equal",
     ),
     ("archive-smaller-than-seeds", {"search__archive_size": 2}, "names 3 models but archive_size"),
     # the seed models

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import random
 import shutil
 import subprocess
 import sys
@@ -13,122 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from evolve_workspace import build_workspace
+from evolve_workspace import worker_env
+from evolve_workspace import write_config
+from evolve_workspace import write_gsm_task
 from safetensors.torch import load_file
 
 from m2n2_plugin.errors import M2N2Error
-from m2n2_plugin.example import build_model
-from m2n2_plugin.example import build_tokenizer
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-MC_TASK = """\
-task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Q: {{{{question}}}}\\nA:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-"""
-
-GSM_TASK = """\
-task: tiny_gsm
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 4
-  do_sample: false
-filter_list:
-  - name: strict-match
-    filter:
-      - function: regex
-        regex_pattern: "#### (\\\\-?[0-9\\\\.\\\\,]+)"
-      - function: take_first
-  - name: flexible-extract
-    filter:
-      - function: regex
-        group_select: -1
-        regex_pattern: "(-?[$0-9.,]{{2,}})|(-?[0-9]+)"
-      - function: take_first
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two random tiny Llamas (same shape), a log-likelihood task and a GSM8k-format task."""
-    root = tmp_path_factory.mktemp("evolve")
-    tok = build_tokenizer()
-    for i in range(3):
-        model = build_model(len(tok), seed=100 + i, hidden=32)
-        model.save_pretrained(root / f"m{i}", safe_serialization=True)
-        tok.save_pretrained(root / f"m{i}")
-    other = build_model(len(tok), seed=7, hidden=48)  # a different shape
-    other.save_pretrained(root / "wide", safe_serialization=True)
-    tok.save_pretrained(root / "wide")
-    rng = random.Random(0)
-    mc = []
-    for _ in range(40):
-        word = "".join(rng.choice("abcdefgh") for _ in range(3))
-        choices = [word[::-1], word, word[1:] + word[0], "".join(sorted(word))]
-        mc.append({"question": f"reverse {word}", "choices": choices, "label": 0})
-    tasks = root / "tasks"
-    tasks.mkdir()
-    (tasks / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
-    (tasks / "mc.yaml").write_text(MC_TASK.format(data=tasks / "mc.jsonl"))
-    gsm = [
-        {"question": f"{a}+{b}", "answer": f"{a} plus {b}\n#### {a + b}"}
-        for a, b in [(1, 2), (3, 4), (5, 1), (2, 2), (7, 1), (4, 4)]
-    ]
-    (tasks / "gsm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm))
-    (tasks / "gsm.yaml").write_text(GSM_TASK.format(data=tasks / "gsm.jsonl"))
-    (root / "seeds.yml").write_text(
-        "merge_method: slerp\nbase_model: m0\nmodels:\n  - model: m0\n  - model: m1\n"
-        "  - model: m2\nparameters:\n  t: 0.5\ndtype: float32\n"
-    )
+    """The shared tiny workspace plus a GSM8k-format task (``tiny_gsm``) beside ``tiny_mc``."""
+    root = build_workspace(tmp_path_factory.mktemp("evolve"))
+    write_gsm_task(root / "tasks")
     return root
-
-
-def write_config(root: Path, name: str, **overrides: object) -> Path:
-    cfg: dict = {
-        "mergekit_config": "seeds.yml",
-        "fitness": {
-            "include_path": "tasks",
-            "tasks": ["tiny_mc"],
-            "metric": "acc",
-            "fitness_docs": 30,
-            "heldout_docs": 10,
-            "batch_size": 16,
-            "num_threads": 1,
-        },
-        "search": {"n_trials": 10, "archive_size": 4, "seed": 0, "heartbeat_interval": None},
-        "output_dir": f"out-{name}",
-    }
-    for key, value in overrides.items():
-        section, _, field = key.partition("__")
-        if field:
-            cfg[section][field] = value
-        else:
-            cfg[section] = value
-    path = root / f"{name}.yml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def test_loop_archive_invariants_and_outputs(workspace: Path) -> None:
@@ -257,50 +154,9 @@ def test_gsm8k_format_generation_task(workspace: Path) -> None:
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """The installed `m2n2` console script in a subprocess."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     exe = shutil.which("m2n2")
     cmd = [exe] if exe else [sys.executable, "-m", "m2n2_plugin.cli"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=cwd, env=env)
-
-
-BAD_CONFIGS = [
-    ({"fitness__tasks": ["no_such_task"]}, "unknown lm-eval task 'no_such_task'"),
-    ({"fitness__filter": "no-such-filter"}, "no filter 'no-such-filter'"),
-    ({"fitness__metric": "f1"}, "no per-document metric 'f1'"),
-    ({"search__archive_sise": 3}, "unknown key 'search.archive_sise'"),
-    ({"search__archive_size": 1}, "search.archive_size: Input should be greater than or equal"),
-    ({"fitness__fitness_docs": []}, "the fitness set is empty"),
-    (
-        {"mergekit_config": {"merge_method": "slerp", "models": [{"model": "nowhere"}]}},
-        "model 'nowhere' not found",
-    ),
-    (
-        {
-            "mergekit_config": {
-                "merge_method": "slerp",
-                "models": [{"model": "m0"}, {"model": "wide"}],
-            }
-        },
-        "different shapes",
-    ),
-    ({"mergekit_config": "no-such-file.yml"}, "mergekit_config"),
-    ({"fitness__fitness_docs": [0, 999]}, "document id 999 does not exist"),
-]
-
-
-@pytest.mark.parametrize(("overrides", "message"), BAD_CONFIGS)
-def test_bad_configs_give_one_line_errors(
-    workspace: Path, overrides: dict, message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from m2n2_plugin.cli import main
-
-    name = f"bad{BAD_CONFIGS.index((overrides, message))}"
-    cfg = write_config(workspace, name, **overrides)
-    assert main(["evolve", str(cfg), "--no-progress"]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("m2n2: error:"), lines
-    assert message in lines[0]
-    assert not (workspace / f"out-{name}").exists()  # nothing half-written
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=cwd, env=worker_env())
 
 
 def test_console_script_reports_a_bad_config_in_one_line(workspace: Path) -> None:

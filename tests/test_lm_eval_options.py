@@ -2,42 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import yaml
+from evolve_workspace import write_gsm_task
 
 from m2n2_plugin.config import parse_config
 from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.example import build_model
 from m2n2_plugin.example import build_tokenizer
-
-# A GSM8k-format task: lm-eval's gsm8k prompt, filters and metric over local JSONL.
-GSM_TASK = """\
-task: gsm_opts
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["Question:"]
-  do_sample: false
-filter_list:
-  - name: strict-match
-    filter:
-      - function: regex
-        regex_pattern: "#### (\\\\-?[0-9\\\\.\\\\,]+)"
-      - function: take_first
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'][0] }}: {{ m['content'] }}\n{% endfor %}"
@@ -53,12 +27,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i in range(2):
         build_model(len(tok), seed=200 + i, hidden=32).save_pretrained(root / f"s{i}")
         tok.save_pretrained(root / f"s{i}")
-    rows = [
-        {"question": f"{a}+{b}", "answer": f"#### {a + b}"} for a in range(3) for b in range(3)
-    ]
-    (root / "gsm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "tasks").mkdir()
-    (root / "tasks" / "gsm.yaml").write_text(GSM_TASK.format(data=root / "gsm.jsonl"))
+    write_gsm_task(root / "tasks")
     return root
 
 
@@ -73,7 +42,7 @@ def config(folder: Path, **fitness: object) -> dict:
         },
         "fitness": {
             "include_path": "tasks",
-            "tasks": ["gsm_opts"],
+            "tasks": ["tiny_gsm"],
             "metric": "exact_match",
             "filter": "strict-match",
             "fitness_docs": 6,
@@ -106,23 +75,23 @@ def test_gsm8k_format_with_gen_kwargs_and_chat_template(folder: Path) -> None:
     assert len(run.study.trials) == 4
     assert run.fitness.options["apply_chat_template"] is True
     # The effective generation settings are logged with the study, merged over the task's.
-    logged = run.study.user_attrs["m2n2.generation_settings"]["gsm_opts"]
+    logged = run.study.user_attrs["m2n2.generation_settings"]["tiny_gsm"]
     assert logged["generation_kwargs"]["max_gen_toks"] == 5
     assert logged["generation_kwargs"]["until"] == ["\n"]
     assert logged["generation_kwargs"]["do_sample"] is False
     # The prompts lm-eval built really went through the chat template with the system turn.
     from lm_eval.evaluator import evaluate
 
-    task = run.fitness._loaded["tasks"]["gsm_opts"]
+    task = run.fitness._loaded["tasks"]["tiny_gsm"]
     res = evaluate(
         run.lm,
-        {"tasks": {"gsm_opts": task}, "groups": {}, "group_map": {}},
-        samples={"gsm_opts": [0]},
+        {"tasks": {"tiny_gsm": task}, "groups": {}, "group_map": {}},
+        samples={"tiny_gsm": [0]},
         log_samples=True,
         bootstrap_iters=0,
         **run.fitness.options,
     )
-    arguments = res["samples"]["gsm_opts"][0]["arguments"]
+    arguments = res["samples"]["tiny_gsm"][0]["arguments"]
     prompt = arguments[0][0] if isinstance(arguments, list) else arguments["gen_args_0"]["arg_0"]
     assert prompt.startswith("s: Answer with #### and a number.\nu: Question: 0+0")
     assert prompt.endswith("a:")
