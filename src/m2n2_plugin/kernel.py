@@ -69,7 +69,12 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
 SUM_BLOCK = 1 << 20
 
 
-def _partial_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+def _partial_sums(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    aa: float | None = None,
+    bb: float | None = None,
+) -> tuple[float, float, float]:
     """(|a|^2, |b|^2, <a, b>) as Python floats, reproducible across machines and settings.
 
     The angle decides every coefficient of the child, so it must not depend on how the sum is
@@ -78,19 +83,38 @@ def _partial_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float
     last bits with the tensors' memory alignment. So each product is rounded in the compute
     dtype (elementwise: deterministic) and summed in float64 over fixed blocks added in order;
     the result was bit-identical with 1 and 2 threads and any alignment we tried, and a rebuild
-    of the same merge elsewhere gives the same bits.
+    of the same merge elsewhere gives the same bits. A squared norm passed in (one
+    :func:`squared_norm` computed earlier: the same bits) is not computed again.
     """
     work = compute_dtype(a.dtype)
     x = a.reshape(-1)
     y = b.reshape(-1)
-    aa = bb = ab = 0.0
+    sum_aa, sum_bb, ab = 0.0, 0.0, 0.0
     for lo in range(0, x.numel(), SUM_BLOCK):
         xs = x[lo : lo + SUM_BLOCK].to(work)
         ys = y[lo : lo + SUM_BLOCK].to(work)
-        aa += float(torch.sum(xs * xs, dtype=torch.float64))
-        bb += float(torch.sum(ys * ys, dtype=torch.float64))
+        if aa is None:
+            sum_aa += float(torch.sum(xs * xs, dtype=torch.float64))
+        if bb is None:
+            sum_bb += float(torch.sum(ys * ys, dtype=torch.float64))
         ab += float(torch.sum(xs * ys, dtype=torch.float64))
-    return aa, bb, ab
+    return (sum_aa if aa is None else aa), (sum_bb if bb is None else bb), ab
+
+
+def squared_norm(a: torch.Tensor) -> float:
+    """|a|^2 summed exactly as :func:`cosine` sums it (same blocks, same order, same bits).
+
+    A parent's squared norms do not depend on the other parent, so a caller that merges the
+    same parent many times (an archive member) can keep them and pass them to :func:`cosine`,
+    which then makes one product pass instead of three.
+    """
+    work = compute_dtype(a.dtype)
+    x = a.reshape(-1)
+    total = 0.0
+    for lo in range(0, x.numel(), SUM_BLOCK):
+        xs = x[lo : lo + SUM_BLOCK].to(work)
+        total += float(torch.sum(xs * xs, dtype=torch.float64))
+    return total
 
 
 def _cosine_from_sums(aa: float, bb: float, ab: float, eps: float = NORM_EPS) -> float:
@@ -101,14 +125,21 @@ def _cosine_from_sums(aa: float, bb: float, ab: float, eps: float = NORM_EPS) ->
     return min(1.0, max(-1.0, ab / (na * nb)))
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = NORM_EPS) -> float:
+def cosine(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    eps: float = NORM_EPS,
+    *,
+    squared_norms: tuple[float | None, float | None] = (None, None),
+) -> float:
     """cos of the angle between two tensors seen as flat vectors, clipped to [-1, 1].
 
     A norm at or below ``eps`` is not divided out, so a zero tensor gives cos = 0 (mergekit's
-    convention; the official code would divide by zero).
+    convention; the official code would divide by zero). ``squared_norms``: ``|a|^2`` and
+    ``|b|^2`` from :func:`squared_norm` where already known (None: computed here).
     """
     _check_pair(a, b)
-    return _cosine_from_sums(*_partial_sums(a, b), eps=eps)
+    return _cosine_from_sums(*_partial_sums(a, b, *squared_norms), eps=eps)
 
 
 def global_cosine(

@@ -69,6 +69,7 @@ from m2n2_plugin.kernel import compute_dtype
 from m2n2_plugin.kernel import cosine
 from m2n2_plugin.kernel import slerp_coefficients
 from m2n2_plugin.kernel import split_slerp
+from m2n2_plugin.kernel import squared_norm
 from m2n2_plugin.merge_method import M2N2ConfigError
 from m2n2_plugin.merge_method import ModelLayout
 from m2n2_plugin.merge_method import _architecture_for_config
@@ -122,6 +123,13 @@ _HOLDS_EXACTLY = {
     torch.bfloat16: (torch.float32, torch.float64),
     torch.float32: (torch.float64,),
 }
+# Squared norms of parent tensors, per file version: (device, inode, size, mtime) -> {(tensor,
+# dtype read as): |x|^2}. Archive files are written once under a fresh name and never changed,
+# so a member merged again (it is a parent many times) needs only the <a, b> pass. The oldest
+# files' entries go first beyond _NORM_FILES (a few hundred floats per file).
+_NORM_CACHE: OrderedDict[tuple[int, ...], dict[tuple[str, torch.dtype], float]] = OrderedDict()
+_NORM_FILES = 256
+_NORM_LOCK = threading.Lock()
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,6 +206,7 @@ class Checkpoint:
         # Every file is opened now: a file deleted later (an evicted archive member) stays
         # readable through its open descriptor until this checkpoint closes.
         self._fds: list[int] = []
+        self._versions: list[tuple[int, ...]] = []
         self._mapped: dict[int, Any] = {}
         # dtype -> byte buffer for ``reuse`` reads; the caller may lend one that outlives us.
         self._scratch = {} if scratch is None else scratch
@@ -207,6 +216,8 @@ class Checkpoint:
                     self._fds.append(os.open(file, os.O_RDONLY))
                 except OSError as exc:
                     raise M2N2Error(f"cannot read {file} ({exc.strerror})") from exc
+                st = os.fstat(self._fds[index])
+                self._versions.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
                 self._add_entries(index, file, *_read_header(file, self._fds[index]))
                 if io == "mmap":
                     self._safe_open(index)
@@ -335,6 +346,23 @@ class Checkpoint:
             return value
         out.copy_(value)
         return out
+
+    def squared_norm(self, name: str, value: torch.Tensor) -> float:
+        """``kernel.squared_norm(value)`` for ``value`` = tensor ``name`` as read from this
+        checkpoint (in ``value``'s dtype), remembered for this version of the file."""
+        version = self._versions[self.entries[name].file]
+        key = (name, value.dtype)
+        with _NORM_LOCK:
+            known = _NORM_CACHE.get(version, {}).get(key)
+        if known is not None:
+            return known
+        norm = squared_norm(value)
+        with _NORM_LOCK:
+            _NORM_CACHE.setdefault(version, {})[key] = norm
+            _NORM_CACHE.move_to_end(version)
+            while len(_NORM_CACHE) > _NORM_FILES:
+                _NORM_CACHE.popitem(last=False)
+        return norm
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,15 +506,21 @@ def _split_slerp_into(
 
 
 def _crossover_into(
-    a: torch.Tensor, b: torch.Tensor, mix_ratio: float, split_at: int, out: torch.Tensor
+    a: torch.Tensor,
+    b: torch.Tensor,
+    mix_ratio: float,
+    split_at: int,
+    out: torch.Tensor,
+    squared_norms: tuple[float | None, float | None] = (None, None),
 ) -> None:
     """:func:`m2n2_crossover` written into ``out`` (``out`` may be ``a`` itself, not ``b``).
 
     The same steps as ``m2n2_crossover``, so the same bits: identical parents give ``a``
     unchanged, otherwise the kernel with mergekit's lerp fallback. ``out`` must have ``a``'s
-    dtype, so that it stores exactly what ``m2n2_crossover`` would return.
+    dtype, so that it stores exactly what ``m2n2_crossover`` would return. ``squared_norms``:
+    the parents' cached ``|a|^2, |b|^2`` (the same bits ``cosine`` would compute).
     """
-    cos = cosine(a, b)
+    cos = cosine(a, b, squared_norms=squared_norms)
     if cos > MERGEKIT_DOT_THRESHOLD and torch.equal(a, b):
         if out.data_ptr() != a.data_ptr():
             out.copy_(a)
@@ -529,7 +563,8 @@ def _merge_tensor(
         else:
             parent_a = a.get(source_a, dtype=work, reuse=True)
         parent_b = b.get(source_b, dtype=work, reuse=True)
-        _crossover_into(parent_a, parent_b, mix_ratio, local, out=dest)
+        norms = (a.squared_norm(source_a, parent_a), b.squared_norm(source_b, parent_b))
+        _crossover_into(parent_a, parent_b, mix_ratio, local, out=dest, squared_norms=norms)
         return dest, written
     parent_a = a.get(source_a, dtype=work, reuse=True)
     parent_b = b.get(source_b, dtype=work, reuse=True)

