@@ -27,18 +27,46 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 HERE = Path(__file__).resolve().parent
+MODELS = HERE / "models"
 RUN = HERE / "runs" / "skills"
 RUN_TA = HERE / "runs" / "skills_ta"  # the variant with the task-arithmetic merge as a seed
 SCORES = HERE / "runs" / "scores.json"  # scores already computed, per model file version
 BASELINES = HERE / "runs" / "baselines"
 RESULTS = HERE / "results"
+CONFIG, CONFIG_TA = HERE / "evolve.yml", HERE / "evolve_ta.yml"
+
+
+def use_models(folder: str) -> None:
+    """Point everything at other specialists (``--models``): runs/<folder>/ gets copies of
+    evolve.yml / evolve_ta.yml and their seeds configs naming them, results/<folder>/ the
+    results."""
+    import yaml
+
+    global MODELS, RUN, RUN_TA, BASELINES, RESULTS, CONFIG, CONFIG_TA
+    MODELS = (HERE / folder).resolve()
+    root = HERE / "runs" / folder
+    RUN, RUN_TA, BASELINES = root / "skills", root / "skills_ta", root / "baselines"
+    RESULTS = HERE / "results" / folder
+    root.mkdir(parents=True, exist_ok=True)
+    CONFIG, CONFIG_TA = root / "evolve.yml", root / "evolve_ta.yml"
+    for config, seeds, run in ((CONFIG, "seeds.yml", RUN), (CONFIG_TA, "seeds_ta.yml", RUN_TA)):
+        text = (HERE / seeds).read_text().replace("models/", f"{MODELS}/")
+        text = text.replace("runs/baselines/", f"{BASELINES}/")
+        (root / seeds).write_text(text)
+        evolve = yaml.safe_load((HERE / "evolve.yml").read_text())
+        evolve["mergekit_config"] = str(root / seeds)
+        evolve["fitness"]["include_path"] = str(HERE / "tasks")
+        evolve["output_dir"] = str(run)
+        config.write_text(yaml.safe_dump(evolve, sort_keys=False))
+
+
 SKILLS = ("skill_arith", "skill_reverse")
 GRID = [round(0.1 * i, 1) for i in range(1, 10)]
 
 
 def mergekit_configs() -> dict[str, dict]:
     """The baselines as mergekit configs."""
-    a, b, base = (str(HERE / "models" / name) for name in ("arith", "reverse", "base"))
+    a, b, base = (str(MODELS / name) for name in ("arith", "reverse", "base"))
 
     def slerp(t: float) -> dict:
         return {
@@ -103,7 +131,7 @@ class Scorer:
         from m2n2_plugin.fitness import LmEvalFitness
         from m2n2_plugin.fitness import resolve_doc_ids
 
-        cfg = load_config(HERE / "evolve.yml")
+        cfg = load_config(CONFIG)
         fc = cfg.fitness
         torch.set_num_threads(fc.num_threads or os.cpu_count() or 1)
         self.fitness = LmEvalFitness(
@@ -113,7 +141,7 @@ class Scorer:
         ends = {t: max(ids) + 1 for t, ids in fit.items()}
         held = resolve_doc_ids(fc.heldout_docs, fc.tasks, self.fitness.sizes, "heldout", ends)
         self.docs = {"fitness": DocSet(fit), "heldout": DocSet(held)}
-        base = HERE / "models" / "base"
+        base = MODELS / "base"
         self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).eval()
         tokenizer = AutoTokenizer.from_pretrained(base)
         self.lm = HFLM(pretrained=self.model, tokenizer=tokenizer, batch_size=fc.batch_size)
@@ -139,7 +167,7 @@ class Scorer:
         return out
 
 
-def evolve_in_stages(config: str, run: Path, total: int, stage: int) -> list[dict]:
+def evolve_in_stages(config: Path, run: Path, total: int, stage: int) -> list[dict]:
     """``m2n2 evolve CONFIG -n k`` for k = stage, 2 stage, ..., total; the held-out score of
     the best child after each (the run's report computes it) and the time the trials took."""
     import optuna
@@ -151,7 +179,7 @@ def evolve_in_stages(config: str, run: Path, total: int, stage: int) -> list[dic
         if n in done:
             continue
         start = time.perf_counter()
-        subprocess.run(["m2n2", "evolve", str(HERE / config), "-n", str(n)], check=True)
+        subprocess.run(["m2n2", "evolve", str(config), "-n", str(n)], check=True)
         wall = time.perf_counter() - start
         summary = json.loads((run / "summary.json").read_text())
         storage = f"sqlite:///{run / 'study.db'}"
@@ -243,19 +271,26 @@ def main() -> None:
     parser.add_argument(
         "--ta-seed", action="store_true", help="also run evolve_ta.yml (task arithmetic as a seed)"
     )
+    parser.add_argument(
+        "--models", default="models", help="specialists' folder (make_specialists.py --models)"
+    )
     args = parser.parse_args()
 
-    subprocess.run([sys.executable, str(HERE / "make_specialists.py")], check=True)
-    progress = evolve_in_stages("evolve.yml", RUN, args.trials, args.stage)
+    if args.models != "models":
+        use_models(args.models)
+    subprocess.run(
+        [sys.executable, str(HERE / "make_specialists.py"), "--models", str(MODELS)], check=True
+    )
+    progress = evolve_in_stages(CONFIG, RUN, args.trials, args.stage)
 
     score = Scorer()
     rows: dict[str, dict[str, float]] = {}
     for name, folder in [
-        ("base (SmolLM2-135M-Instruct)", "models/base"),
-        ("specialist (arith)", "models/arith"),
-        ("specialist (reverse)", "models/reverse"),
+        ("base (SmolLM2-135M-Instruct)", "base"),
+        ("specialist (arith)", "arith"),
+        ("specialist (reverse)", "reverse"),
     ]:
-        rows[name] = score(HERE / folder)
+        rows[name] = score(MODELS / folder)
     configs = mergekit_configs()
     rows["slerp t=0.5"] = score(merge("slerp t=0.5", configs["slerp t=0.5"]))
     grid = {}
@@ -276,18 +311,18 @@ def main() -> None:
     rows[m2n2_row] = score(RUN / "best")
     progress_ta: list[dict] = []
     if args.ta_seed:
-        progress_ta = evolve_in_stages("evolve_ta.yml", RUN_TA, args.trials, args.stage)
+        progress_ta = evolve_in_stages(CONFIG_TA, RUN_TA, args.trials, args.stage)
         ta_row = f"M2N2, task arithmetic as a 3rd seed ({progress_ta[-1]['trials']} trials)"
         rows[ta_row] = score(RUN_TA / "best")
 
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     result = {
         "heldout": rows,
         "slerp_grid_fitness": {str(t): s for t, s in grid.items()},
         "progress": progress,
         "progress_ta_seed": progress_ta,
         "specialists": {
-            s: json.loads((HERE / "models" / s / "train_info.json").read_text())
+            s: json.loads((MODELS / s / "train_info.json").read_text())
             for s in ("arith", "reverse")
         },
     }
