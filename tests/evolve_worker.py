@@ -38,10 +38,8 @@ def _pause_here(args: argparse.Namespace, phase: str) -> None:
     # A live worker has a heartbeat on record; Optuna's heartbeat thread writes its first one
     # a moment after the trial starts, which under load can be later than this pause. Write it
     # now, so the kill always leaves a trial whose heartbeat goes stale.
-    trial = _STATE.get("optuna_trial")
-    storage = getattr(getattr(trial, "study", None), "_storage", None)
-    if storage is not None and hasattr(storage, "record_heartbeat"):
-        storage.record_heartbeat(trial._trial_id)
+    trial = _STATE["optuna_trial"]
+    trial.study._storage.record_heartbeat(trial._trial_id)
     info = {"phase": phase, "trial": _STATE["trial"], "pid": os.getpid()}
     tmp = Path(args.signal).with_suffix(".tmp")
     tmp.write_text(json.dumps(info))

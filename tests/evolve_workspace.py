@@ -22,6 +22,8 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from m2n2_plugin.example import write_jsonl
+
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "evolve_worker.py"
 HUB_TESTS = HERE.parent / "hub_package" / "samplers" / "m2n2" / "tests"
@@ -146,7 +148,7 @@ def build_workspace(root: Path) -> Path:
     tasks = root / "tasks"
     tasks.mkdir(exist_ok=True)
     data = tasks / "mc.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(data, rows)
     (tasks / "mc.yaml").write_text(MC_TASK.format(name="tiny_mc", data=data, extra=""))
     # Tasks whose own code yields bad per-document scores (a folder of its own: including a
     # task folder means trusting its code).
@@ -174,7 +176,7 @@ def write_gsm_task(tasks: Path) -> None:
     ]
     tasks.mkdir(parents=True, exist_ok=True)
     data = tasks / "gsm.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(data, rows)
     (tasks / "gsm.yaml").write_text(GSM_TASK.format(data=data))
 
 

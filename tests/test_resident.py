@@ -380,4 +380,5 @@ def test_cached_parent_norms_follow_the_file(models: dict[str, Path], tmp_path: 
     y = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     norms = (kernel.squared_norm(x), kernel.squared_norm(y))
     assert norms == kernel._partial_sums(x, y)[:2]
+    assert norms[0] == pytest.approx(float(x.double().square().sum()), rel=1e-6)
     assert kernel.cosine(x, y, squared_norms=norms) == kernel.cosine(x, y)

@@ -60,7 +60,7 @@ def encode(tokenizer, docs: list[dict[str, str]]) -> tuple[torch.Tensor, torch.T
 
 def answer_loss(model, ids: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the answer tokens; logits only where they are needed (the vocabulary
-    projection is 49,152 wide, so skipping the prompt positions saves a fifth of a step)."""
+    projection is 49,152 wide: most positions are prompt, whose logits are never used)."""
     # Right padding under a causal mask: real tokens never see the padding after them.
     hidden = model.model(input_ids=ids).last_hidden_state
     predict = answer[:, 1:]  # position t predicts token t + 1

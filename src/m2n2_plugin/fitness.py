@@ -51,6 +51,16 @@ class DocSet:
             out.setdefault(task, []).append(i)
         return DocSet(out)
 
+    def task_means(self, scores: np.ndarray) -> dict[str, float]:
+        """Mean score per task of a score vector over these documents, and ``"mean"``."""
+        out: dict[str, float] = {}
+        pos = 0
+        for task, ids in self.ids.items():
+            out[task] = float(scores[pos : pos + len(ids)].mean())
+            pos += len(ids)
+        out["mean"] = float(scores.mean())
+        return out
+
 
 def _silent_tqdm(*args: Any, **kwargs: Any) -> Any:
     from tqdm import tqdm

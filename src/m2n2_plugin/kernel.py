@@ -69,13 +69,8 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
 SUM_BLOCK = 1 << 20
 
 
-def _partial_sums(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    aa: float | None = None,
-    bb: float | None = None,
-) -> tuple[float, float, float]:
-    """(|a|^2, |b|^2, <a, b>) as Python floats, reproducible across machines and settings.
+def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    """<a, b> as a Python float, reproducible across machines and settings.
 
     The angle decides every coefficient of the child, so it must not depend on how the sum is
     computed. A float32 ``torch.dot`` over tens of millions of elements does: its result moves
@@ -83,38 +78,41 @@ def _partial_sums(
     last bits with the tensors' memory alignment. So each product is rounded in the compute
     dtype (elementwise: deterministic) and summed in float64 over fixed blocks added in order;
     the result was bit-identical with 1 and 2 threads and any alignment we tried, and a rebuild
-    of the same merge elsewhere gives the same bits. A squared norm passed in (one
-    :func:`squared_norm` computed earlier: the same bits) is not computed again.
+    of the same merge elsewhere gives the same bits.
     """
     work = compute_dtype(a.dtype)
     x = a.reshape(-1)
     y = b.reshape(-1)
-    sum_aa, sum_bb, ab = 0.0, 0.0, 0.0
+    total = 0.0
     for lo in range(0, x.numel(), SUM_BLOCK):
         xs = x[lo : lo + SUM_BLOCK].to(work)
         ys = y[lo : lo + SUM_BLOCK].to(work)
-        if aa is None:
-            sum_aa += float(torch.sum(xs * xs, dtype=torch.float64))
-        if bb is None:
-            sum_bb += float(torch.sum(ys * ys, dtype=torch.float64))
-        ab += float(torch.sum(xs * ys, dtype=torch.float64))
-    return (sum_aa if aa is None else aa), (sum_bb if bb is None else bb), ab
+        total += float(torch.sum(xs * ys, dtype=torch.float64))
+    return total
 
 
 def squared_norm(a: torch.Tensor) -> float:
-    """|a|^2 summed exactly as :func:`cosine` sums it (same blocks, same order, same bits).
+    """|a|^2 exactly as :func:`cosine` sums it (same blocks, same order, same bits).
 
     A parent's squared norms do not depend on the other parent, so a caller that merges the
     same parent many times (an archive member) can keep them and pass them to :func:`cosine`,
     which then makes one product pass instead of three.
     """
-    work = compute_dtype(a.dtype)
-    x = a.reshape(-1)
-    total = 0.0
-    for lo in range(0, x.numel(), SUM_BLOCK):
-        xs = x[lo : lo + SUM_BLOCK].to(work)
-        total += float(torch.sum(xs * xs, dtype=torch.float64))
-    return total
+    return _dot64(a, a)
+
+
+def _partial_sums(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    aa: float | None = None,
+    bb: float | None = None,
+) -> tuple[float, float, float]:
+    """(|a|^2, |b|^2, <a, b>) by :func:`_dot64`; a squared norm passed in is not recomputed."""
+    return (
+        squared_norm(a) if aa is None else aa,
+        squared_norm(b) if bb is None else bb,
+        _dot64(a, b),
+    )
 
 
 def _cosine_from_sums(aa: float, bb: float, ab: float, eps: float = NORM_EPS) -> float:

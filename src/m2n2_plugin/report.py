@@ -109,13 +109,7 @@ def heldout_scores(run: Run, load: Callable[[], None], key: str) -> dict[str, fl
     if key not in cache:
         load()
         scores = run.fitness.score(run.lm, run.heldout_docs)
-        per_task: dict[str, float] = {}
-        pos = 0
-        for task, ids in run.heldout_docs.ids.items():
-            per_task[task] = float(scores[pos : pos + len(ids)].mean())
-            pos += len(ids)
-        per_task["mean"] = float(scores.mean())
-        cache[key] = per_task
+        cache[key] = run.heldout_docs.task_means(scores)
         run.study.set_user_attr("m2n2.heldout", cache)
     return cache[key]
 
