@@ -146,3 +146,62 @@ def test_kill_9_mid_trial_then_resume(phase: str, killed: dict, workspace: Path)
     run = evolve(cfg, n_trials=done + 3, progress=False)
     assert _done(run.study) == done + 3
     check_study_and_files(out, run.study, ARCHIVE_SIZE)
+
+
+def test_worker_dead_before_its_first_heartbeat(workspace: Path) -> None:
+    """A worker killed between creating its trial and the heartbeat thread's first write leaves
+    a RUNNING trial with no heartbeat row, which Optuna's stale check never fails; the fold
+    would wait on it forever. It is failed once older than the grace period, and the run goes
+    on. A trial with no heartbeat yet that started just now, and one whose heartbeat is fresh,
+    are left alone until they are stale."""
+    from datetime import datetime
+    from datetime import timedelta
+
+    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.evolve import fail_dead_trials
+
+    cfg = _config(workspace, "noheartbeat")
+    out = workspace / "out-crash-noheartbeat"
+    evolve(cfg, n_trials=FROM_TRIAL, progress=False)
+    url = f"sqlite:///{out / 'study.db'}"
+    storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT)
+    study = optuna.load_study(study_name="m2n2", storage=storage)
+
+    def running(age_s: float) -> int:
+        template = optuna.trial.FrozenTrial(
+            number=-1,
+            state=TrialState.RUNNING,
+            value=None,
+            datetime_start=datetime.now() - timedelta(seconds=age_s),
+            datetime_complete=None,
+            params={},
+            distributions={},
+            user_attrs={},
+            system_attrs={},
+            intermediate_values={},
+            trial_id=-1,
+        )
+        return storage.create_new_trial(study._study_id, template_trial=template)
+
+    dead, young, beating = running(60), running(0), running(60)
+    storage.record_heartbeat(beating)
+    number = {tid: storage.get_trial(tid).number for tid in (dead, young, beating)}
+    fail_dead_trials(study)
+    states = {tid: storage.get_trial(tid).state for tid in number}
+    assert states[dead] == TrialState.FAIL
+    assert states[young] == states[beating] == TrialState.RUNNING
+
+    # The next run gets past all three: `young` ages without a heartbeat, `beating` goes stale.
+    proc = subprocess.run(
+        worker_cmd("--", "evolve", str(cfg), "-n", str(FROM_TRIAL + 3), "--no-progress"),
+        env=worker_env(),
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="m2n2", storage=url)
+    assert {study.trials[n].state for n in number.values()} == {TrialState.FAIL}
+    assert _done(study) == FROM_TRIAL + 3
+    check_study_and_files(out, study, ARCHIVE_SIZE)

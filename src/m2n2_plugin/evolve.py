@@ -27,6 +27,8 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
+from datetime import datetime
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -276,9 +278,7 @@ class Run:
             arch = self.sampler.archive(self.study)
             if arch.position >= trial.number:
                 return arch
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(self.study)  # no-op without a heartbeat
+            fail_dead_trials(self.study)  # no-op without a heartbeat
             waited = time.monotonic() - start
             if waited > ADMIT_WARNING_S and not warned:
                 warned = True
@@ -439,6 +439,51 @@ def _rdb_storage(url: str, heartbeat_interval: int | None) -> optuna.storages.RD
                 raise
             time.sleep(0.1 * (attempt + 1) + 0.1 * random.random())
     raise AssertionError("unreachable")
+
+
+def fail_dead_trials(study: optuna.Study) -> None:
+    """Mark the trials of dead workers FAIL: Optuna's stale-heartbeat check, and one more case.
+
+    Optuna only fails a RUNNING trial whose heartbeat row has gone stale. A worker killed in
+    the moment between creating its trial (``study.ask``) and its heartbeat thread's first
+    write leaves a RUNNING trial with no row at all; Optuna never fails it, and every other
+    worker's fold would wait on it forever. Such a trial is failed once it started more than
+    the grace period ago: a live worker writes its first heartbeat within milliseconds. Start
+    times are the workers' clocks, so workers on several machines need clocks that agree to
+    well within the grace period (twice ``search.heartbeat_interval``).
+    """
+    from optuna.storages._rdb.models import TrialHeartbeatModel
+    from sqlalchemy import select
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    rdb = getattr(study._storage, "_backend", study._storage)  # under Optuna's cache layer
+    if not isinstance(rdb, optuna.storages.RDBStorage) or rdb.heartbeat_interval is None:
+        return
+    grace = timedelta(seconds=rdb.grace_period or 2 * rdb.heartbeat_interval)
+    now = datetime.now()
+    old = {
+        t._trial_id: t
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if t.datetime_start is not None and now - t.datetime_start > grace
+    }
+    if not old:
+        return
+    query = select(TrialHeartbeatModel.trial_id).where(TrialHeartbeatModel.trial_id.in_(old))
+    with rdb.engine.connect() as conn:
+        beating = set(conn.execute(query).scalars())
+    for trial_id in old.keys() - beating:
+        try:
+            study._storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # it finished (or another worker failed it) meanwhile
+        else:
+            LOG.warning(
+                f"trial {old[trial_id].number} never sent a heartbeat and started "
+                f"{(now - old[trial_id].datetime_start).total_seconds():.0f} s ago: "
+                "marked FAIL (its worker died)"
+            )
 
 
 def _open_study(cfg: EvolveConfig, out: Path, sampler: Any) -> optuna.Study:
@@ -702,9 +747,7 @@ def evolve(
     run = _prepare_or_clean(cfg, output_dir)
     # What a killed worker left: its trial is failed once the heartbeat is stale, then the
     # child file it saved and any temp file are deleted; live workers' files are kept.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(run.study)
+    fail_dead_trials(run.study)
     run.sync_files()
     total = n_trials or cfg.search.n_trials
     done = _count_done(run.study)
