@@ -31,16 +31,23 @@ def skills():
 
 def solve(skill: str, question: str) -> str:
     """An independent solver that parses the question text."""
-    if skill == "arith":
-        m = re.fullmatch(r"What is (\d{3}) \+ (\d{3})\?", question)
+    if skill in ("arith", "sub"):
+        m = re.fullmatch(r"What is (\d{3}) ([+-]) (\d{3})\?", question)
+        assert m and m[2] == {"arith": "+", "sub": "-"}[skill], question
+        a, b = int(m[1]), int(m[3])
+        if skill == "sub":
+            assert a > b, question
+        return str(a + b if skill == "arith" else a - b)
+    if skill == "digits":
+        m = re.fullmatch(r"Reverse the digits of ([1-9]\d{3,5}[1-9])", question)
         assert m, question
-        return str(int(m[1]) + int(m[2]))
+        return m[1][::-1]
     m = re.fullmatch(r"Reverse the order of these words: ([a-z ]+)", question)
     assert m, question
     return " ".join(m[1].split()[::-1])
 
 
-@pytest.mark.parametrize("skill", ["arith", "reverse"])
+@pytest.mark.parametrize("skill", ["arith", "reverse", "sub", "digits"])
 def test_targets_are_right_and_splits_disjoint(skills, skill: str) -> None:
     docs = skills.eval_documents(skill)
     assert len(docs) == skills.N_EVAL
@@ -53,6 +60,8 @@ def test_targets_are_right_and_splits_disjoint(skills, skill: str) -> None:
     assert train[:50] != list(itertools.islice(skills.train_documents(skill, seed=1), 50))
     for doc in docs + train:
         assert doc["answer"] == solve(skill, doc["question"])
+    if skill == "digits":
+        assert {len(d["answer"]) for d in docs} == {5, 6, 7}
     if skill == "reverse":
         lengths = {len(d["answer"].split()) for d in docs}
         assert lengths == {3, 4, 5}
@@ -88,10 +97,15 @@ def test_task_yamls_load_and_score_through_lm_eval(skills) -> None:
     from m2n2_plugin.fitness import DocSet
     from m2n2_plugin.fitness import LmEvalFitness
 
-    tasks = ["skill_arith", "skill_reverse"]
+    tasks = ["skill_arith", "skill_reverse", "skill_sub", "skill_digits"]
     fitness = LmEvalFitness(tasks, metric="exact_match", filter="strip", include_path=str(TASKS))
     assert fitness.sizes == {t: skills.N_EVAL for t in tasks}
-    ids = {"skill_arith": [0, 1, 2, 3, 399], "skill_reverse": [5, 6, 7]}
+    ids = {
+        "skill_arith": [0, 1, 2, 3, 399],
+        "skill_reverse": [5, 6, 7],
+        "skill_sub": [9, 10],
+        "skill_digits": [4],
+    }
     # Right answers (with the leading space and trailing text a model produces) score 1,
     # a wrong digit or word order scores 0.
     replies, expected = {}, []
@@ -106,7 +120,7 @@ def test_task_yamls_load_and_score_through_lm_eval(skills) -> None:
     lm = ScriptedLM(replies)
     scores = fitness.score(lm, DocSet(ids))
     np.testing.assert_array_equal(scores, expected)
-    assert len(lm.requests) == 8
+    assert len(lm.requests) == 11
     for context, gen_kwargs in lm.requests:
         assert context.startswith("Question: ") and context.endswith("\nAnswer:")
         assert gen_kwargs["until"] == ["\n"] and gen_kwargs["do_sample"] is False

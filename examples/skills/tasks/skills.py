@@ -2,6 +2,11 @@
 
 - ``arith``: add two 3-digit numbers (``What is 347 + 586?`` -> ``933``).
 - ``reverse``: reverse 3-5 common words (``... these words: red fish blue`` -> ``blue fish red``).
+- ``sub``: subtract a smaller 3-digit number from a larger one (``What is 586 - 347?`` -> ``239``),
+  the same format as ``arith`` with another operator: a pair whose fine-tunes must share the
+  digit machinery (``run.py --pair arith sub``).
+- ``digits``: reverse the digits of a 5-7 digit number (``... digits of 30521`` -> ``12503``):
+  digits in and out like ``arith``, but copying rather than arithmetic.
 
 Each skill has one fixed list of evaluation documents (the lm-eval task's ``test`` split; the
 first ``fitness_docs`` drive the search, the next ``heldout_docs`` are only reported, see
@@ -18,9 +23,9 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
 
-SKILLS = ("arith", "reverse")
+SKILLS = ("arith", "reverse", "sub", "digits")
 N_EVAL = 400  # evaluation documents per skill (fitness + held-out come from these)
-EVAL_SEED = {"arith": 1001, "reverse": 1002}
+EVAL_SEED = {"arith": 1001, "reverse": 1002, "sub": 1003, "digits": 1004}
 
 # Common English words that SmolLM2's tokenizer keeps as one token after a space.
 WORDS = (
@@ -46,9 +51,29 @@ def reverse_problem(rng: random.Random) -> dict[str, str]:
     }
 
 
+def sub_problem(rng: random.Random) -> dict[str, str]:
+    """Two different 3-digit numbers, the larger first; the answer is their difference."""
+    a, b = rng.sample(range(100, 1000), 2)
+    a, b = max(a, b), min(a, b)
+    return {"question": f"What is {a} - {b}?", "answer": str(a - b)}
+
+
+def digits_problem(rng: random.Random) -> dict[str, str]:
+    """A 5-7 digit number with no zero at either end; the answer is its digits reversed."""
+    n = rng.randint(5, 7)
+    digits = [rng.choice("123456789")] + rng.choices("0123456789", k=n - 2)
+    digits.append(rng.choice("123456789"))
+    return {
+        "question": f"Reverse the digits of {''.join(digits)}",
+        "answer": "".join(digits[::-1]),
+    }
+
+
 PROBLEMS: dict[str, Callable[[random.Random], dict[str, str]]] = {
     "arith": arith_problem,
     "reverse": reverse_problem,
+    "sub": sub_problem,
+    "digits": digits_problem,
 }
 
 
@@ -94,3 +119,13 @@ def arith_dataset(**_: Any) -> Any:
 def reverse_dataset(**_: Any) -> Any:
     """lm-eval ``custom_dataset`` hook for ``skill_reverse``."""
     return _dataset("reverse")
+
+
+def sub_dataset(**_: Any) -> Any:
+    """lm-eval ``custom_dataset`` hook for ``skill_sub``."""
+    return _dataset("sub")
+
+
+def digits_dataset(**_: Any) -> Any:
+    """lm-eval ``custom_dataset`` hook for ``skill_digits``."""
+    return _dataset("digits")
