@@ -44,18 +44,23 @@ LABEL = {
 }
 
 
-def use(folder: str, pair: tuple[str, str]) -> None:
-    """Point everything at other specialists (``--models``) or skills (``--pair``): a folder
-    ``runs/<tag>/`` gets copies of evolve.yml / evolve_ta.yml and their seeds configs naming
-    them, ``results/<tag>/`` the results (tag: the models folder and/or the pair)."""
+def use(folder: str, pair: tuple[str, str], fitness_docs: int | None = None) -> None:
+    """Point everything at other specialists (``--models``), skills (``--pair``) or fitness
+    documents per skill (``--fitness-docs``): a folder ``runs/<tag>/`` gets copies of
+    evolve.yml / evolve_ta.yml and their seeds configs naming them, ``results/<tag>/`` the
+    results (tag: the models folder, the pair, ``f<N>``). Runs that differ only in
+    ``--fitness-docs`` share their baseline merges (the merges do not depend on documents)."""
     import yaml
 
     global MODELS, RUN, RUN_TA, BASELINES, RESULTS, CONFIG, CONFIG_TA, PAIR
     default_pair = pair == PAIR
     PAIR, MODELS = pair, (HERE / folder).resolve()
     tag = "_".join(([folder] if folder != "models" else []) + ([] if default_pair else [*pair]))
+    merges = HERE / "runs" / tag
+    if fitness_docs is not None:
+        tag = f"{tag}_f{fitness_docs}" if tag else f"f{fitness_docs}"
     root = HERE / "runs" / tag
-    RUN, RUN_TA, BASELINES = root / "skills", root / "skills_ta", root / "baselines"
+    RUN, RUN_TA, BASELINES = root / "skills", root / "skills_ta", merges / "baselines"
     RESULTS = HERE / "results" / tag
     root.mkdir(parents=True, exist_ok=True)
     CONFIG, CONFIG_TA = root / "evolve.yml", root / "evolve_ta.yml"
@@ -69,6 +74,8 @@ def use(folder: str, pair: tuple[str, str]) -> None:
         evolve["mergekit_config"] = str(root / seeds)
         evolve["fitness"]["include_path"] = str(HERE / "tasks")
         evolve["fitness"]["tasks"] = [f"skill_{s}" for s in pair]
+        if fitness_docs is not None:
+            evolve["fitness"]["fitness_docs"] = fitness_docs
         evolve["output_dir"] = str(run)
         config.write_text(yaml.safe_dump(evolve, sort_keys=False))
 
@@ -152,19 +159,37 @@ class Scorer:
         self.lm = HFLM(pretrained=self.model, tokenizer=tokenizer, batch_size=fc.batch_size)
 
     def __call__(self, folder: Path, which: str = "heldout") -> dict[str, float]:
+        """Mean score per skill and overall of the model in ``folder``."""
+        return self.scores(folder, which)["means"]
+
+    def scores(self, folder: Path, which: str = "heldout") -> dict:
+        """``{"means": ..., "docs": [one score per document]}``, cached per file version."""
         from m2n2_plugin.models import tensor_files
         from m2n2_plugin.resident import load_checkpoint_into_model
 
         stamp = [(str(f.resolve()), f.stat().st_mtime_ns) for f in tensor_files(folder)]
-        key = json.dumps([which, self.fitness.tasks, stamp])
+        docs = self.docs[which]
+        span = {t: [ids[0], ids[-1], len(ids)] for t, ids in docs.ids.items() if ids}
+        key = json.dumps([which, span, stamp])
         cache = json.loads(SCORES.read_text()) if SCORES.is_file() else {}
-        if key in cache:
+        if "docs" in cache.get(key, {}):
             return cache[key]
         load_checkpoint_into_model(self.model, folder)
-        docs = self.docs[which]
-        out = docs.task_means(self.fitness.score(self.lm, docs))
-        SCORES.write_text(json.dumps({**cache, key: out}, indent=1))
+        per_doc = self.fitness.score(self.lm, docs)
+        out = {"means": docs.task_means(per_doc), "docs": per_doc.tolist()}
+        SCORES.write_text(json.dumps({**cache, key: out}))
         return out
+
+
+def paired(a: list[float], b: list[float]) -> dict[str, float]:
+    """Mean of ``a - b`` over the same documents and its 95 % interval (normal approximation of
+    the paired difference): two merges scored on one document set share its hard documents,
+    so the paired interval is much narrower than the two rows' own intervals."""
+    import numpy as np
+
+    d = np.asarray(a) - np.asarray(b)
+    half = 1.96 * float(d.std(ddof=1)) / len(d) ** 0.5
+    return {"diff": float(d.mean()), "ci95": half, "n": len(d)}
 
 
 def evolve_in_stages(config: Path, run: Path, total: int, stage: int) -> list[dict]:
@@ -279,10 +304,33 @@ def main() -> None:
     parser.add_argument(
         "--pair", nargs=2, default=list(PAIR), metavar="SKILL", help="two skills of skills.py"
     )
+    parser.add_argument(
+        "--fitness-docs",
+        type=int,
+        help="documents per skill that drive the search (evolve.yml: 50); the held-out "
+        "documents follow them, so every model is re-scored (runs/<tag>_f<N>/)",
+    )
+    parser.add_argument(
+        "--score",
+        nargs="+",
+        type=Path,
+        metavar="MODEL",
+        help="only score these model folders on this run's held-out documents, each paired "
+        "with the baseline merges kept in its baselines folder",
+    )
     args = parser.parse_args()
 
-    if args.models != "models" or tuple(args.pair) != PAIR:
-        use(args.models, tuple(args.pair))
+    if args.models != "models" or tuple(args.pair) != PAIR or args.fitness_docs:
+        use(args.models, tuple(args.pair), args.fitness_docs)
+    if args.score:
+        score = Scorer()
+        for folder in args.score:
+            print(f"{folder}: {json.dumps(score(folder.resolve()))}")
+            mine = score.scores(folder.resolve())["docs"]
+            for base in sorted(b for b in BASELINES.iterdir() if b.is_dir() and b.name[0] != "."):
+                d = paired(mine, score.scores(base)["docs"])
+                print(f"  - {base.name}: {d['diff']:+.3f} +- {d['ci95']:.3f} (95 %, paired)")
+        return
     subprocess.run(
         [sys.executable, str(HERE / "make_specialists.py"), "--models", str(MODELS)]
         + ["--skills", *PAIR],
@@ -290,38 +338,56 @@ def main() -> None:
     )
 
     score = Scorer()
-    rows: dict[str, dict[str, float]] = {"base (SmolLM2-135M-Instruct)": score(MODELS / "base")}
+    rows: dict[str, dict[str, float]] = {}
+    folders: dict[str, Path] = {}  # the model behind each row
+
+    def add(row: str, folder: Path) -> None:
+        rows[row], folders[row] = score(folder), folder
+
+    add("base (SmolLM2-135M-Instruct)", MODELS / "base")
     for s in PAIR:
-        rows[f"specialist ({s})"] = score(MODELS / s)
+        add(f"specialist ({s})", MODELS / s)
     configs = mergekit_configs()
-    rows["slerp t=0.5"] = score(merge("slerp t=0.5", configs["slerp t=0.5"]))
+    add("slerp t=0.5", merge("slerp t=0.5", configs["slerp t=0.5"]))
     grid = {}
     for t in GRID:
         folder = merge(f"slerp t={t}", configs[f"slerp t={t}"])
         grid[t] = score(folder, "fitness")
     best_t = max(GRID, key=lambda t: grid[t]["mean"])  # ties: the smaller t
-    rows[f"slerp best t={best_t} (on fitness)"] = score(
-        merge(f"slerp t={best_t}", configs[f"slerp t={best_t}"])
+    add(
+        f"slerp best t={best_t} (on fitness)",
+        merge(f"slerp t={best_t}", configs[f"slerp t={best_t}"]),
     )
     if not args.keep_grid:
         for t in GRID:
             if t not in (0.5, best_t):
                 shutil.rmtree(BASELINES / f"slerp_t{t}", ignore_errors=True)
     for name in ("task arithmetic", "TIES"):
-        rows[name] = score(merge(name, configs[name]))
+        add(name, merge(name, configs[name]))
     print(table(rows), flush=True)
     progress = evolve_in_stages(CONFIG, RUN, args.trials, args.stage)
     m2n2_row = f"M2N2 ({progress[-1]['trials']} trials)"
-    rows[m2n2_row] = score(RUN / "best")
+    add(m2n2_row, RUN / "best")
     progress_ta: list[dict] = []
     if args.ta_seed:
         progress_ta = evolve_in_stages(CONFIG_TA, RUN_TA, args.trials, args.stage)
         ta_row = f"M2N2, task arithmetic as a 3rd seed ({progress_ta[-1]['trials']} trials)"
-        rows[ta_row] = score(RUN_TA / "best")
+        add(ta_row, RUN_TA / "best")
 
+    baselines = [k for k in rows if k.startswith(("slerp", "task", "TIES"))]
+    # M2N2's best child minus each baseline, document by document (held-out mean of both skills).
+    differences = {
+        m: {
+            b: paired(score.scores(folders[m])["docs"], score.scores(folders[b])["docs"])
+            for b in baselines
+        }
+        for m in rows
+        if m.startswith("M2N2")
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {
         "heldout": rows,
+        "paired_differences": differences,
         "slerp_grid_fitness": {str(t): s for t, s in grid.items()},
         "progress": progress,
         "progress_ta_seed": progress_ta,
@@ -335,7 +401,9 @@ def main() -> None:
     keep = {
         s: m2n2[f"skill_{s}"] / max(rows[f"specialist ({s})"][f"skill_{s}"], 1e-9) for s in PAIR
     }
-    baselines = [k for k in rows if k.startswith(("slerp", "task", "TIES"))]
+    for m, against in differences.items():
+        for b, d in against.items():
+            print(f"{m} - {b}: {d['diff']:+.3f} +- {d['ci95']:.3f} (95 %, paired, n={d['n']})")
     print(
         "kept of each specialist: "
         + ", ".join(f"{s} {v:.1%}" for s, v in keep.items())
