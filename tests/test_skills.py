@@ -124,3 +124,26 @@ def test_task_yamls_load_and_score_through_lm_eval(skills) -> None:
     for context, gen_kwargs in lm.requests:
         assert context.startswith("Question: ") and context.endswith("\nAnswer:")
         assert gen_kwargs["until"] == ["\n"] and gen_kwargs["do_sample"] is False
+
+
+def test_paired_interval_of_run_py():
+    """run.py's paired difference equals the textbook one (mean of the per-document
+    differences, 1.96 sample standard deviations over sqrt(n)), computed here by hand."""
+    import math
+    import statistics
+
+    sys.path.insert(0, str(TASKS.parent))
+    try:
+        run = importlib.import_module("run")
+    finally:
+        sys.path.remove(str(TASKS.parent))
+    rng = np.random.default_rng(3)
+    a = (rng.random(400) < 0.7).astype(float).tolist()
+    b = (rng.random(400) < 0.6).astype(float).tolist()
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    got = run.paired(a, b)
+    assert got["n"] == 400
+    assert got["diff"] == pytest.approx(sum(d) / 400)
+    assert got["ci95"] == pytest.approx(1.96 * statistics.stdev(d) / math.sqrt(400))
+    # The same documents scored twice: no difference, no width.
+    assert run.paired(a, a) == {"diff": 0.0, "ci95": 0.0, "n": 400}
