@@ -192,6 +192,11 @@ def paired(a: list[float], b: list[float]) -> dict[str, float]:
     return {"diff": float(d.mean()), "ci95": half, "n": len(d)}
 
 
+def said(d: dict[str, float]) -> str:
+    """A paired difference as printed: ``+0.035 +- 0.042 (95 %, paired, n=400)``."""
+    return f"{d['diff']:+.3f} +- {d['ci95']:.3f} (95 %, paired, n={d['n']})"
+
+
 def evolve_in_stages(config: Path, run: Path, total: int, stage: int) -> list[dict]:
     """``m2n2 evolve CONFIG -n k`` for k = stage, 2 stage, ..., total; the held-out score of
     the best child after each (the run's report computes it) and the time the trials took."""
@@ -323,13 +328,20 @@ def main() -> None:
     if args.models != "models" or tuple(args.pair) != PAIR or args.fitness_docs:
         use(args.models, tuple(args.pair), args.fitness_docs)
     if args.score:
+        from m2n2_plugin.errors import M2N2Error
+        from m2n2_plugin.models import tensor_files
+
+        for folder in args.score:  # before the model loads: a wrong path fails at once
+            try:
+                tensor_files(folder)
+            except M2N2Error as err:
+                parser.error(str(err))
         score = Scorer()
         for folder in args.score:
-            print(f"{folder}: {json.dumps(score(folder.resolve()))}")
-            mine = score.scores(folder.resolve())["docs"]
+            mine = score.scores(folder.resolve())
+            print(f"{folder}: {json.dumps(mine['means'])}")
             for base in sorted(b for b in BASELINES.iterdir() if b.is_dir() and b.name[0] != "."):
-                d = paired(mine, score.scores(base)["docs"])
-                print(f"  - {base.name}: {d['diff']:+.3f} +- {d['ci95']:.3f} (95 %, paired)")
+                print(f"  - {base.name}: {said(paired(mine['docs'], score.scores(base)['docs']))}")
         return
     subprocess.run(
         [sys.executable, str(HERE / "make_specialists.py"), "--models", str(MODELS)]
@@ -339,10 +351,11 @@ def main() -> None:
 
     score = Scorer()
     rows: dict[str, dict[str, float]] = {}
-    folders: dict[str, Path] = {}  # the model behind each row
+    per_doc: dict[str, list[float]] = {}  # each row's held-out scores, for paired differences
 
     def add(row: str, folder: Path) -> None:
-        rows[row], folders[row] = score(folder), folder
+        scores = score.scores(folder)
+        rows[row], per_doc[row] = scores["means"], scores["docs"]
 
     add("base (SmolLM2-135M-Instruct)", MODELS / "base")
     for s in PAIR:
@@ -377,10 +390,7 @@ def main() -> None:
     baselines = [k for k in rows if k.startswith(("slerp", "task", "TIES"))]
     # M2N2's best child minus each baseline, document by document (held-out mean of both skills).
     differences = {
-        m: {
-            b: paired(score.scores(folders[m])["docs"], score.scores(folders[b])["docs"])
-            for b in baselines
-        }
+        m: {b: paired(per_doc[m], per_doc[b]) for b in baselines}
         for m in rows
         if m.startswith("M2N2")
     }
@@ -403,7 +413,7 @@ def main() -> None:
     }
     for m, against in differences.items():
         for b, d in against.items():
-            print(f"{m} - {b}: {d['diff']:+.3f} +- {d['ci95']:.3f} (95 %, paired, n={d['n']})")
+            print(f"{m} - {b}: {said(d)}")
     print(
         "kept of each specialist: "
         + ", ".join(f"{s} {v:.1%}" for s, v in keep.items())
