@@ -38,6 +38,12 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copy(root / "m0" / "config.json", root / "pickled" / "config.json")
     torch.save({"w": torch.zeros(2)}, root / "pickled" / "pytorch_model.bin")
     (root / "a_file").write_text("not a folder\n")
+    # Damaged seeds: weights cut short, a config.json that is not JSON.
+    shutil.copytree(root / "m1", root / "truncated")
+    weights = root / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    shutil.copytree(root / "m1", root / "bad-json")
+    (root / "bad-json" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"')
     return root
 
 
@@ -119,6 +125,25 @@ BEFORE_ANY_TRIAL: list[tuple[str, Any, str]] = [
         "search.archive_size: Input should be greater than or equal",
     ),
     ("archive-smaller-than-seeds", {"search__archive_size": 2}, "names 3 models but archive_size"),
+    # in range for the type, absurd as a setting: refused before anything is allocated
+    (
+        "archive-size-absurd",
+        {"search__archive_size": 1_000_000_000},
+        "search.archive_size: Input should be less than or equal to 1000",
+    ),
+    (
+        "alpha-nan",
+        {"search__alpha": float("nan")},
+        "search.alpha: Input should be a finite number",
+    ),
+    (
+        "alpha-negative",
+        {"search__alpha": -1},
+        "search.alpha: Input should be greater than or equal",
+    ),
+    ("alpha-absurd", {"search__alpha": 1e9}, "search.alpha: Input should be less than or equal"),
+    ("batch-size-zero", {"fitness__batch_size": 0}, "fitness.batch_size: Input should be greater"),
+    ("threads-absurd", {"fitness__num_threads": 10**6}, "fitness.num_threads: Input should be"),
     # the seed models
     ("missing-model", {"mergekit_config": mergekit("m0", "nowhere")}, "model 'nowhere' not found"),
     ("missing-mergekit-file", {"mergekit_config": "no-such.yml"}, "mergekit_config"),
@@ -134,6 +159,16 @@ BEFORE_ANY_TRIAL: list[tuple[str, Any, str]] = [
     ("shapes", {"mergekit_config": mergekit("m0", "wide")}, "different shapes"),
     ("tokenizers", {"mergekit_config": mergekit("m0", "permuted")}, "different tokenizers"),
     ("pickle-only", {"mergekit_config": mergekit("m0", "pickled")}, "has no safetensors weights"),
+    (
+        "seed-truncated",
+        {"mergekit_config": mergekit("m0", "truncated")},
+        "model 'truncated': ",  # + the file's path and "is damaged (...)": checked below
+    ),
+    (
+        "seed-config-not-json",
+        {"mergekit_config": mergekit("m0", "bad-json")},
+        "model 'bad-json': ",
+    ),
     # fitness
     ("unknown-task", {"fitness__tasks": ["no_such_task"]}, "unknown lm-eval task 'no_such_task'"),
     ("metric-not-in-task", {"fitness__metric": "f1"}, "no per-document metric 'f1'"),
@@ -189,6 +224,10 @@ def test_bad_input_before_any_trial(
     code, line = run_cli(config, capsys)
     assert code == 2
     assert message in line, line
+    if name == "seed-truncated":
+        assert f"{workspace / 'truncated' / 'model.safetensors'} is damaged (" in line, line
+    if name == "seed-config-not-json":
+        assert f"{workspace / 'bad-json' / 'config.json'} is not valid JSON" in line, line
     # Nothing half-written: no output folder, nothing new beside the config.
     assert not (workspace / f"out-{name}").exists()
     assert sorted(p.name for p in workspace.iterdir()) == before
@@ -312,6 +351,86 @@ def test_a_changed_config_is_refused_and_the_run_kept(
     assert code == 2 and "holds a study with a different 'fitness_docs'" in line, line
     assert file_digests(out) == digests
     write_config(workspace, "kept", search__n_trials=8)  # as it was, for the other tests
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_damaged_archive_member_is_named_on_resume(
+    damage: str, finished_run: Path, workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A member's file cut short or deleted between two runs: the resumed run names it and
+    says what to do, before any trial, and changes nothing."""
+    out = workspace / "out-kept"
+    member = sorted((out / "archive").glob("trial_*.safetensors"))[-1]
+    number = int(member.stem.split("_")[1])
+    saved = member.read_bytes()
+    try:
+        if damage == "truncated":
+            member.write_bytes(saved[: len(saved) // 2])
+        else:
+            member.unlink()
+        digests = file_digests(out)
+        code, line = run_cli(finished_run, capsys, "-n", "20")
+        assert code == 2, line
+        assert f"archive member trial {number}: {member} is " in line, line
+        assert "restore that file" in line and "another output_dir" in line, line
+        assert file_digests(out) == digests
+    finally:
+        member.write_bytes(saved)
+
+
+def _mount_tmpfs(folder: Path, size: str) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+    )
+    return proc.returncode == 0
+
+
+def test_a_full_disk_while_a_child_is_written_is_one_line(workspace: Path, tmp_path: Path) -> None:
+    """The output folder on a real filesystem too small for a child's weights: the trial that
+    writes it stops the run with one line (no Optuna traceback), exit 2; the study and the
+    files already written are intact, and the run resumes once there is space."""
+    out = tmp_path / "small-disk"
+    if not _mount_tmpfs(out, "64k"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        storage = f"sqlite:///{tmp_path / 'study.db'}"
+        config = write_config(
+            workspace,
+            "full-disk",
+            output_dir=str(out),
+            search__storage=storage,
+            search__n_trials=5,
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "m2n2_plugin.cli", "evolve", str(config), "--no-progress"],
+            capture_output=True,
+            text=True,
+            env=worker_env(),
+            cwd=workspace,
+        )
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr  # no traceback before the line
+        assert lines[0].startswith("m2n2: error: cannot write ") and "No space left" in lines[0]
+        assert "rerun the same command to resume" in lines[0], lines[0]
+        assert not list(out.rglob(".tmp-*")) and not list(out.rglob("trial_*"))
+        study = optuna.load_study(study_name="m2n2", storage=storage)
+        assert study.trials[-1].state == optuna.trial.TrialState.FAIL
+        done = [t.number for t in study.trials if t.state.is_finished() and t.value is not None]
+    finally:
+        subprocess.run(["umount", str(out)], check=False)
+    # Space again (the folder's own disk): the same command resumes and finishes.
+    proc = subprocess.run(
+        [sys.executable, "-m", "m2n2_plugin.cli", "evolve", str(config), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=worker_env(),
+        cwd=workspace,
+    )
+    assert proc.returncode == 0, proc.stderr
+    study = optuna.load_study(study_name="m2n2", storage=storage)
+    assert [t.number for t in study.trials if t.number in done and t.value is not None] == done
 
 
 @pytest.mark.parametrize(

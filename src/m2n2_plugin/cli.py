@@ -23,7 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ex = sub.add_parser("example", help="build the tiny built-in example and evolve it")
     ex.add_argument("folder", nargs="?", default="m2n2-example", help="where to build it")
-    ex.add_argument("-n", "--n-trials", type=int, default=60, help="trials (default 60)")
+    ex.add_argument("-n", "--n-trials", type=int, help="trials (default: the example's)")
+    ex.add_argument("--seed", type=int, default=0, help="training seed of the specialists")
+    ex.add_argument("--search-seed", type=int, default=0, help="seed of the M2N2 search")
     ex.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -38,10 +40,21 @@ def _summary_lines(run) -> list[str]:  # noqa: ANN001
             f"best: trial {summary['best_trial']}  fitness {summary['best_fitness']:.4f}  "
             f"coverage {summary['coverage']:.4f}  -> {run.out / 'best'}"
         )
-        for who, scores in summary.get("heldout", {}).items():
+        heldout = summary.get("heldout", {})
+        for who, scores in heldout.items():
             cells = "  ".join(f"{k}={v:.3f}" for k, v in scores.items())
             lines.append(f"held-out  {who}: {cells}")
+        if heldout:
+            lines.append(verdict(heldout, is_seed=summary.get("n_merges_in_lineage") == 0))
     return lines
+
+
+def verdict(heldout: dict[str, dict[str, float]], is_seed: bool) -> str:
+    """The last line of a run: the best model's held-out mean against each seed's."""
+    best, *seeds = heldout.values()
+    others = " / ".join(f"{s['mean']:.3f}" for s in seeds)
+    who = "best model (a seed: no child beat it)" if is_seed else "best child"
+    return f"{who}: held-out mean {best['mean']:.3f} vs seeds {others}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,7 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "example":
             from m2n2_plugin.example import build_example
 
-            config = build_example(args.folder, n_trials=args.n_trials)
+            config = build_example(
+                args.folder, seed=args.seed, search_seed=args.search_seed, n_trials=args.n_trials
+            )
             print(f"example built in {config.parent}; evolving (rerun: m2n2 evolve {config})")
             run = evolve(config, n_trials=args.n_trials, progress=not args.no_progress)
         else:

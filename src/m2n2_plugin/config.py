@@ -20,6 +20,7 @@ an error, not a silently ignored setting. Example::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 from typing import Any
 from typing import Literal
 
@@ -33,6 +34,15 @@ from pydantic import field_validator
 from m2n2_plugin.errors import M2N2Error
 
 DocSpec = int | list[int] | dict[str, list[int]]
+
+#: Bounds past which a value is a typo, not a setting: every archive slot holds a whole model
+#: on disk (the paper uses 20), and the sampler sizes its state by the archive before the first
+#: trial, so ``archive_size: 1000000000`` would allocate gigabytes and hang.
+MAX_ARCHIVE_SIZE = 1000
+MAX_ALPHA = 10.0
+MAX_THREADS = 1024
+MAX_BATCH = 100_000
+MAX_FEWSHOT = 1000
 
 
 class FitnessConfig(BaseModel):
@@ -48,12 +58,12 @@ class FitnessConfig(BaseModel):
     fitness_docs: DocSpec
     heldout_docs: DocSpec | None = None
     # lm-eval's own evaluation options, under lm-eval's names.
-    num_fewshot: int | None = Field(default=None, ge=0)
-    batch_size: int | Literal["auto"] = 8
+    num_fewshot: int | None = Field(default=None, ge=0, le=MAX_FEWSHOT)
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] | Literal["auto"] = 8
     device: str = "cpu"
     # torch CPU threads for this process; None keeps torch's default. 1 is fastest for tiny
     # models and when several workers share a machine (threads oversubscribe the cores).
-    num_threads: int | None = Field(default=None, ge=1)
+    num_threads: int | None = Field(default=None, ge=1, le=MAX_THREADS)
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     gen_kwargs: dict[str, Any] | None = None
     apply_chat_template: bool | str = False
@@ -79,8 +89,9 @@ class SearchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     n_trials: int = Field(default=100, ge=1)
-    archive_size: int = Field(default=20, ge=2)
-    alpha: float = 1.0
+    archive_size: int = Field(default=20, ge=2, le=MAX_ARCHIVE_SIZE)
+    # 1 is M2N2, 0 a plain GA by raw score; early rejection is exact for alpha in [0, 1].
+    alpha: float = Field(default=1.0, ge=0.0, le=MAX_ALPHA, allow_inf_nan=False)
     seed: int | None = 0
     use_attraction: bool = True
     use_split_point: bool = True
@@ -116,11 +127,15 @@ class EvolveConfig(BaseModel):
 _SECTIONS: dict[str, type[BaseModel]] = {"fitness": FitnessConfig, "search": SearchConfig}
 
 
+_TYPE_TAGS = {"constrained-int", "int", "str", "float", "bool", "list", "dict"}
+
+
 def _first_error(exc: ValidationError) -> str:
     # A misspelt key also makes the real key "missing": report the misspelling first.
     errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
     err = errors[0]
-    where = ".".join(str(p) for p in err["loc"]) or "config"
+    # Union members add type tags to the location (``batch_size.constrained-int``): drop them.
+    where = ".".join(str(p) for p in err["loc"] if str(p) not in _TYPE_TAGS) or "config"
     if err["type"] == "extra_forbidden":
         section = _SECTIONS.get(str(err["loc"][0])) if len(err["loc"]) > 1 else EvolveConfig
         known = sorted(k for k in (section or EvolveConfig).model_fields if k != "base_dir")

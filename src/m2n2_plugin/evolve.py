@@ -47,6 +47,7 @@ from m2n2_plugin.models import Seed
 from m2n2_plugin.models import check_compatible
 from m2n2_plugin.models import check_tokenizers
 from m2n2_plugin.models import seeds_from_mergekit
+from m2n2_plugin.models import tensor_shapes
 
 LOG = logging.getLogger("m2n2")
 
@@ -96,6 +97,19 @@ def checked_scores(number: int, scores: Any, n: int) -> np.ndarray:
             f"got {vector[bad[0]]} at index {bad[0]}"
         )
     return vector
+
+
+def write_error(path: Path, exc: OSError) -> M2N2Error:
+    """The one line for a write that failed (no space left, a quota, a read-only mount).
+
+    Writes are atomic (a temp file renamed into place), so what was there before is intact
+    and the study does not count the trial: freeing space and rerunning resumes the run.
+    """
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return M2N2Error(
+        f"cannot write {path} ({reason}); nothing already written was changed: free space "
+        "(or fix the folder) and rerun the same command to resume"
+    )
 
 
 def member_file(out: Path, number: int) -> Path:
@@ -160,6 +174,29 @@ class Run:
                 "study disagree (was the folder edited, or another storage used?)"
             )
         return path
+
+    def check_member_files(self) -> None:
+        """At start: every child in the archive still has a whole, readable weights file.
+
+        The study records which trials are members; their weights live only in the output
+        folder. A file deleted or truncated between two runs (a full disk, a manual clean-up)
+        would otherwise surface trials later as a failed merge, or never, if the member is
+        not drawn. Only headers are read: cheap for any archive size.
+        """
+        for number in self.sampler.archive(self.study).members:
+            if "m2n2.seed" in self.trial_attrs(number):
+                continue
+            path = member_file(self.out, number)
+            try:
+                tensor_shapes(path)
+            except M2N2Error as exc:
+                if number not in self.sampler.archive(self.study).members:
+                    continue  # another worker evicted it (and deleted its file) meanwhile
+                raise M2N2Error(
+                    f"archive member trial {number}: {exc}; restore that file (e.g. from a "
+                    "backup), or start a new run with another output_dir: the study needs the "
+                    "weights of every archive member"
+                ) from exc
 
     def load_seed(self, index: int) -> None:
         """Put seed ``index`` into the resident model, one tensor at a time (``dtype`` applied)."""
@@ -240,7 +277,11 @@ class Run:
             timing.wait = time.perf_counter() - t0
             if keep and child is not None:
                 t0 = time.perf_counter()
-                save_child(self.model, child, member_file(self.out, trial.number))
+                path = member_file(self.out, trial.number)
+                try:
+                    save_child(self.model, child, path)
+                except OSError as exc:  # a full disk, a quota: the file was not written
+                    raise write_error(path, exc) from exc
                 timing.save = time.perf_counter() - t0
         trial.set_user_attr("m2n2.docs_evaluated", len(scores))
         trial.set_user_attr("m2n2.timing", {k: round(v, 4) for k, v in vars(timing).items()})
@@ -585,6 +626,8 @@ def _write_outputs_locked(run: Run) -> None:
             except MemberEvicted:
                 if attempt == 2:
                     raise
+            except OSError as exc:  # best/ is written beside the old one, then swapped in
+                raise write_error(Path(exc.filename or run.out), exc) from exc
 
 
 def load_fitness(cfg: EvolveConfig) -> tuple[LmEvalFitness, DocSet, DocSet]:
@@ -749,6 +792,7 @@ def evolve(
     # child file it saved and any temp file are deleted; live workers' files are kept.
     fail_dead_trials(run.study)
     run.sync_files()
+    run.check_member_files()
     total = n_trials or cfg.search.n_trials
     done = _count_done(run.study)
     log_path = run.out / "trials.log"
@@ -786,8 +830,6 @@ def evolve(
             value = f"mean score {frozen.value:.4f}"
         status = "in archive" if frozen.number in arch.members else "not kept"
         line = f"trial {frozen.number}: {what}: {value}, {status}"
-        with log_path.open("a") as fh:
-            fh.write(line + "\n")
         record = {
             "trial": frozen.number,
             "value": frozen.value,
@@ -796,8 +838,12 @@ def evolve(
             "coverage": coverage,
             "members": arch.members,
         }
-        with (run.out / "history.jsonl").open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        for path, text in ((log_path, line), (run.out / "history.jsonl", json.dumps(record))):
+            try:
+                with path.open("a") as fh:
+                    fh.write(text + "\n")
+            except OSError as exc:
+                raise write_error(path, exc) from exc
         bar.update(1)
         bar.set_postfix(best=f"{means.max():.3f}", coverage=f"{coverage:.3f}")
         if progress:

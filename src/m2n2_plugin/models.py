@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,10 @@ def tensor_files(path: Path) -> list[Path]:
     """The safetensors files of a model folder (one file or an index of shards)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+            raise M2N2Error(f"{index} is damaged (not a safetensors index: {exc})") from exc
         return [path / s for s in shards]
     single = path / "model.safetensors"
     if single.is_file():
@@ -114,9 +118,15 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from the safetensors headers, without reading the weights."""
     shapes: dict[str, tuple[int, ...]] = {}
     for f in tensor_files(path) if path.is_dir() else [path]:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                shapes[k] = tuple(fh.get_slice(k).get_shape())
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    shapes[k] = tuple(fh.get_slice(k).get_shape())
+        except FileNotFoundError as exc:
+            raise M2N2Error(f"{f} is missing") from exc
+        except Exception as exc:  # safetensors' SafetensorError: truncated, not safetensors
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise M2N2Error(f"{f} is damaged ({msg})") from exc
     return shapes
 
 
@@ -132,19 +142,30 @@ def check_compatible(seeds: list[Seed]) -> dict[str, tuple[int, ...]]:
     """Fail with one line unless every seed has the same architecture, tensors and shapes."""
     first = seeds[0]
     archs = {}
+    shapes_of = {}
     for s in seeds:
         cfg = s.path / "config.json"
         if not cfg.is_file():
             raise M2N2Error(f"model {s.name!r} has no config.json")
-        archs[s.name] = json.loads(cfg.read_text()).get("architectures")
-    shapes0 = tensor_shapes(first.path)
+        try:
+            hf_config = json.loads(cfg.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise M2N2Error(f"model {s.name!r}: {cfg} is not valid JSON ({exc})") from exc
+        if not isinstance(hf_config, dict):
+            raise M2N2Error(f"model {s.name!r}: {cfg} is not a JSON object")
+        archs[s.name] = hf_config.get("architectures")
+        try:
+            shapes_of[s.name] = tensor_shapes(s.path)
+        except M2N2Error as exc:
+            raise M2N2Error(f"model {s.name!r}: {exc}") from exc
+    shapes0 = shapes_of[first.name]
     for s in seeds[1:]:
         if archs[s.name] != archs[first.name]:
             raise M2N2Error(
                 f"models {first.name!r} and {s.name!r} have different architectures "
                 f"({archs[first.name]} vs {archs[s.name]})"
             )
-        shapes = tensor_shapes(s.path)
+        shapes = shapes_of[s.name]
         missing = sorted(set(shapes0) ^ set(shapes))
         if missing:
             raise M2N2Error(
@@ -207,6 +228,12 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        # safetensors reports a failed write (a full disk) as its own error type with the OS
+        # error's number in the text: give callers the OSError they can handle.
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found and not isinstance(exc, OSError):
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from exc
         raise

@@ -1,0 +1,91 @@
+"""The built-in example (``m2n2 example``): its specialists are trained to a measured quality,
+a training that cannot get there stops with one line, and the command's output ends with a
+plain verdict.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from evolve_workspace import worker_env
+
+from m2n2_plugin import example
+from m2n2_plugin.errors import M2N2Error
+
+
+def reduced_splits(n_docs: int = 700, n_dev: int = 40) -> dict:
+    """The example's skills with fewer documents (and a smaller development set)."""
+    docs = {s: example.make_documents(s, n_docs, seed=0) for s in ("copy", *example.SKILLS)}
+    return {
+        s: example.split_documents(d, example.N_FITNESS, example.N_HELDOUT, n_dev)
+        for s, d in docs.items()
+    }
+
+
+def test_specialists_reach_their_threshold_on_a_reduced_example() -> None:
+    """Each specialist solves >= THRESHOLD of its own skill's development documents (scored
+    as the lm-eval task scores) and fails most of the other skill's: what the fusion needs."""
+    torch.set_num_threads(1)
+    splits = reduced_splits()
+    trained = example.train_specialists(splits, seed=0, quiet=True)
+    assert set(trained) == set(example.SKILLS)
+    for skill, (model, accuracy) in trained.items():
+        other = next(s for s in example.SKILLS if s != skill)
+        assert accuracy[skill] >= example.THRESHOLD, (skill, accuracy)
+        assert accuracy[other] < 0.5, (skill, accuracy)
+        # The reported accuracy is the model's, measured again on the same documents.
+        dev = splits[skill]["dev"]
+        assert example.task_accuracy(model, example.build_tokenizer(), dev) == accuracy[skill]
+
+
+def test_a_training_that_misses_its_threshold_is_one_line() -> None:
+    splits = reduced_splits()
+    tok = example.build_tokenizer()
+    model = example.build_model(len(tok), seed=0)
+    with pytest.raises(M2N2Error, match=r"did not reach 95% on 'shift' within 25 steps") as exc:
+        example.train_until(
+            model,
+            tok,
+            splits["shift"]["train"],
+            {"shift": splits["shift"]["dev"]},
+            "shift",
+            seed=0,
+            lr=1e-3,
+            threshold=0.95,
+            max_steps=example.CHECK_EVERY,
+            what="shift specialist",
+        )
+    assert "\n" not in str(exc.value) and "try another --seed" in str(exc.value)
+
+
+def test_the_example_command_trains_evolves_and_ends_with_a_verdict(tmp_path: Path) -> None:
+    """``m2n2 example`` (a short search): each specialist's accuracy on both skills, the
+    held-out table, and a last line that compares the best model with the seeds."""
+    folder = tmp_path / "ex"
+    cmd = [sys.executable, "-m", "m2n2_plugin.cli", "example", str(folder), "-n", "6"]
+    proc = subprocess.run(cmd + ["--no-progress"], capture_output=True, text=True, env=worker_env())
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    trained = [ln for ln in lines if ln.startswith("trained ")]
+    assert len(trained) == 2, lines
+    for line, skill in zip(trained, example.SKILLS, strict=True):
+        found = dict(re.findall(r"(\w+) (\d\.\d\d)", line.split(":", 1)[1]))
+        assert set(found) == set(example.SKILLS), line
+        assert float(found[skill]) >= example.THRESHOLD, line
+    assert any(ln.startswith("held-out  M2N2 best:") for ln in lines), lines
+    verdict = re.fullmatch(
+        r"(best child|best model \(a seed: no child beat it\)): held-out mean (\d\.\d+) vs "
+        r"seeds (\d\.\d+) / (\d\.\d+)",
+        lines[-1],
+    )
+    assert verdict, lines[-1]
+    # The specialists are cached per training seed: a rerun resumes without training again.
+    again = subprocess.run(cmd + ["--no-progress"], capture_output=True, text=True, env=worker_env())
+    assert again.returncode == 0, again.stderr
+    assert not any(ln.startswith("trained ") for ln in again.stdout.splitlines())
+    assert again.stdout.strip().splitlines()[-1] == lines[-1]
