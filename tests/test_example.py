@@ -68,7 +68,8 @@ def test_the_example_command_trains_evolves_and_ends_with_a_verdict(tmp_path: Pa
     held-out table, and a last line that compares the best model with the seeds."""
     folder = tmp_path / "ex"
     cmd = [sys.executable, "-m", "m2n2_plugin.cli", "example", str(folder), "-n", "6"]
-    proc = subprocess.run(cmd + ["--no-progress"], capture_output=True, text=True, env=worker_env())
+    cmd += ["--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env())
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     trained = [ln for ln in lines if ln.startswith("trained ")]
@@ -85,7 +86,7 @@ def test_the_example_command_trains_evolves_and_ends_with_a_verdict(tmp_path: Pa
     )
     assert verdict, lines[-1]
     # The specialists are cached per training seed: a rerun resumes without training again.
-    again = subprocess.run(cmd + ["--no-progress"], capture_output=True, text=True, env=worker_env())
+    again = subprocess.run(cmd, capture_output=True, text=True, env=worker_env())
     assert again.returncode == 0, again.stderr
     assert not any(ln.startswith("trained ") for ln in again.stdout.splitlines())
     assert again.stdout.strip().splitlines()[-1] == lines[-1]

@@ -16,7 +16,6 @@ import pytest
 
 from m2n2_plugin.example import write_jsonl
 
-
 # --------------------------------------------------------------------------- Optuna
 
 

@@ -176,7 +176,7 @@ def train_until(
     labels = ids.masked_fill(mask == 0, -100)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    for step in range(CHECK_EVERY, max_steps + 1, CHECK_EVERY):
+    for _check in range(max_steps // CHECK_EVERY):
         model.train()
         for _ in range(CHECK_EVERY):
             batch = torch.randint(0, len(texts), (BATCH,), generator=gen)
