@@ -7,8 +7,9 @@ Study system attrs:
 Trial system attrs:
     ``m2n2:plan``       the trial's plan, a JSON object: ``role`` ("seed" or "child"), ``seed``
                         (seed index or null), ``parents`` ([A, B] trial numbers or null),
-                        ``mix_ratio``, ``split_point``, ``fold_position`` (trials before this
-                        number were folded into the archive the parents came from).
+                        ``mix_ratio``, ``split_point``, and ``trial`` (its number: a retried
+                        trial inherits the failed one's attrs, and a plan whose number is
+                        another trial's is not its own).
     ``m2n2:scores``     the score vector, ``"<kind>:<N>:<base64>"`` where kind is ``bits``
                         (every value 0 or 1; numpy.packbits, 1 bit per example) or ``f8``
                         (little-endian float64). A payload over 60,000 characters (MySQL's

@@ -110,10 +110,8 @@ class Archive:
         trial (e.g. to keep a child's weights only if it enters); with several, trials that
         finish first may change the archive before it is folded.
         """
-        empty = [slot for slot, number in enumerate(self.slots) if number is None]
-        if seed and empty:
-            return empty[0]
-        return replace_index(self.slot_scores, child_scores, self.alpha)
+        filled = np.array([number is not None for number in self.slots])
+        return _entry_slot(self.slot_scores, filled, child_scores, seed, self.alpha)
 
     def can_enter(self, child_scores: ArrayLike, evaluated: ArrayLike) -> bool:
         """Whether a child scored on the ``evaluated`` examples so far (a boolean mask) can
@@ -193,6 +191,23 @@ def _validate_scores(scores: ArrayLike) -> NDArray[np.float64]:
     if bad.size:
         raise ValueError(f"scores must lie in [0, 1], got {vector[bad[0]]} at index {bad[0]}")
     return vector
+
+
+def _entry_slot(
+    matrix: NDArray[np.float64],
+    filled: NDArray[np.bool_],
+    scores: ArrayLike,
+    seed: bool,
+    alpha: float,
+) -> int | None:
+    """The slot a folded trial takes, or None: a seed takes the first empty slot without
+    competing; a child, or a seed when the archive is full, competes by :func:`replace_index`.
+    """
+    if seed:
+        empty = np.flatnonzero(~filled)
+        if empty.size:
+            return int(empty[0])
+    return replace_index(matrix, scores, alpha)
 
 
 def _own_plan(system_attrs: Any, number: int) -> dict[str, Any] | None:
@@ -417,7 +432,7 @@ class M2N2Sampler(BaseSampler):
                 _, weights, fitness = memo  # the archive did not change since the last draw
             else:
                 weights = example_weights(matrix, self._alpha)
-                fitness = (matrix * weights).sum(axis=1)  # shared_fitness(matrix, alpha)
+                fitness = shared_fitness(matrix, self._alpha)
                 with self._lock:
                     self._cache(study).weights = (matrix, weights, fitness)
             a, b = draw_parents(
@@ -434,7 +449,6 @@ class M2N2Sampler(BaseSampler):
             plan["parents"] = None
         plan[MIX_RATIO] = float(rng.random())
         plan[SPLIT_POINT] = float(rng.random()) if self._use_split_point else 1.0
-        plan["fold_position"] = state.position
         storage.set_trial_system_attr(trial._trial_id, PLAN_KEY, plan)
         with self._lock:
             self._cache(study).plans[trial._trial_id] = plan
@@ -641,11 +655,7 @@ class M2N2Sampler(BaseSampler):
             return matrix
         plan = _own_plan(trial.system_attrs, trial.number)
         seed = plan["seed"] if plan is not None and plan["role"] == "seed" else None
-        empty = np.flatnonzero(~state.filled)
-        if seed is not None and empty.size:
-            slot: int | None = int(empty[0])  # seeds fill empty slots without competing
-        else:
-            slot = replace_index(matrix, scores, self._alpha)
+        slot = _entry_slot(matrix, state.filled, scores, seed is not None, self._alpha)
         state.n_folded += 1
         if seed is not None and seed not in state.seeds:
             state.seeds.append(int(seed))
