@@ -36,6 +36,7 @@ from optuna.trial import FrozenTrial
 from optuna.trial import Trial
 from optuna.trial import TrialState
 
+from ._state import CAPACITY_KEY
 from ._state import decode_scores
 from ._state import encode_scores
 from ._state import FOLD_KEY
@@ -81,6 +82,9 @@ class Archive:
         n_folded: COMPLETE trials with scores folded so far (each once, kept or not).
         position: the fold covers every trial numbered below this.
         alpha: the study's sharing exponent.
+        capacity: the study's per-example capacity ``c_j`` (read-only), None when every
+            ``c_j`` is 1. It weighs shared fitness, replacement and early rejection;
+            ``mean_scores``, ``coverage`` and ``best`` are plain, unweighted means.
     """
 
     members: list[int]
@@ -89,6 +93,7 @@ class Archive:
     n_folded: int
     position: int
     alpha: float = 1.0
+    capacity: NDArray[np.float64] | None = None
 
     def __len__(self) -> int:
         return len(self.members)
@@ -111,7 +116,7 @@ class Archive:
         finish first may change the archive before it is folded.
         """
         filled = np.array([number is not None for number in self.slots])
-        return _entry_slot(self.slot_scores, filled, child_scores, seed, self.alpha)
+        return _entry_slot(self.slot_scores, filled, child_scores, seed, self.alpha, self.capacity)
 
     def can_enter(self, child_scores: ArrayLike, evaluated: ArrayLike) -> bool:
         """Whether a child scored on the ``evaluated`` examples so far (a boolean mask) can
@@ -127,14 +132,14 @@ class Archive:
         """
         if not self.members:
             return True
-        return can_enter(self.slot_scores, child_scores, evaluated, self.alpha)
+        return can_enter(self.slot_scores, child_scores, evaluated, self.alpha, self.capacity)
 
     def fitness(self, alpha: float | None = None) -> NDArray[np.float64]:
         """Shared fitness of each member, the load ``z`` summed over the members (default
-        alpha: the study's)."""
+        alpha: the study's; the study's capacity)."""
         if not self.members:
             return np.zeros(0)
-        return shared_fitness(self.scores, self.alpha if alpha is None else alpha)
+        return shared_fitness(self.scores, self.alpha if alpha is None else alpha, self.capacity)
 
     @property
     def mean_scores(self) -> NDArray[np.float64]:
@@ -165,6 +170,8 @@ class _StudyCache:
     plans: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
     warned: set[str] = dataclasses.field(default_factory=set)
     n_examples: int | None = None
+    #: The study's stored capacity was found equal to this sampler's.
+    capacity_checked: bool = False
     #: The last fold state seen or written: (its stored JSON, the state, its score matrix).
     #: Reused while the study's stored fold state equals that JSON; never mutated.
     fold: tuple[Any, FoldState, NDArray[np.float64]] | None = None
@@ -199,6 +206,7 @@ def _entry_slot(
     scores: ArrayLike,
     seed: bool,
     alpha: float,
+    capacity: NDArray[np.float64] | None,
 ) -> int | None:
     """The slot a folded trial takes, or None: a seed takes the first empty slot without
     competing; a child, or a seed when the archive is full, competes by :func:`replace_index`.
@@ -207,7 +215,37 @@ def _entry_slot(
         empty = np.flatnonzero(~filled)
         if empty.size:
             return int(empty[0])
-    return replace_index(matrix, scores, alpha)
+    return replace_index(matrix, scores, alpha, capacity)
+
+
+def _validate_capacity(capacity: ArrayLike | None) -> NDArray[np.float64] | None:
+    """The capacity as a read-only float64 vector, or None for all ones (given or implied)."""
+    if capacity is None:
+        return None
+    try:
+        vector = np.array(capacity, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"capacity must be numbers: {error}") from None
+    if vector.ndim != 1 or vector.size == 0:
+        raise ValueError(
+            "capacity must be a non-empty 1-D vector, one weight per fitness example; got "
+            f"shape {vector.shape}"
+        )
+    bad = np.flatnonzero(~(np.isfinite(vector) & (vector > 0.0)))
+    if bad.size:
+        raise ValueError(
+            f"capacity must be finite and > 0, got {vector[bad[0]]} at index {bad[0]}"
+        )
+    if np.all(vector == 1.0):
+        return None  # the default: a study with all-ones capacity is a study without one
+    vector.setflags(write=False)
+    return vector
+
+
+def _describe_capacity(capacity: NDArray[np.float64] | None) -> str:
+    if capacity is None:
+        return "None (1 for every example)"
+    return f"{capacity.size} weights from {capacity.min():g} to {capacity.max():g}"
 
 
 def _own_plan(system_attrs: Any, number: int) -> dict[str, Any] | None:
@@ -242,6 +280,10 @@ class M2N2Sampler(BaseSampler):
             ``split_point``; default ``RandomSampler(seed)``.
         poll_interval: longest pause (seconds) between storage polls while a child waits for
             the first seed to finish.
+        capacity: per-example weights ``c_j`` (positive, finite, one per fitness example) for
+            shared fitness, attraction, replacement and early rejection; None (default) or all
+            ones: every example weighs 1. Fixed for the study: stored with it by the first
+            trial, and a sampler with another capacity is refused on that study.
     """
 
     def __init__(
@@ -255,6 +297,7 @@ class M2N2Sampler(BaseSampler):
         *,
         independent_sampler: BaseSampler | None = None,
         poll_interval: float = 1.0,
+        capacity: ArrayLike | None = None,
     ) -> None:
         if int(archive_size) != archive_size or archive_size < 1:
             raise ValueError(f"archive_size must be a positive integer, got {archive_size!r}")
@@ -272,6 +315,7 @@ class M2N2Sampler(BaseSampler):
         self._seed = seed
         self._independent_sampler = independent_sampler or RandomSampler(seed=seed)
         self._poll_interval = float(poll_interval)
+        self._capacity = _validate_capacity(capacity)
         self._lock = threading.Lock()
         self._caches: WeakKeyDictionary[BaseStorage, dict[int, _StudyCache]] = WeakKeyDictionary()
 
@@ -314,6 +358,11 @@ class M2N2Sampler(BaseSampler):
         if not isinstance(trial, Trial):
             raise TypeError(f"set_scores needs the running optuna.Trial, got {type(trial)}")
         vector = _validate_scores(scores)
+        if self._capacity is not None and vector.size != self._capacity.size:
+            raise ValueError(
+                f"scores has {vector.size} values, but the sampler's capacity has "
+                f"{self._capacity.size} (one weight per fitness example)"
+            )
         storage, study_id = trial.study._storage, trial.study._study_id
         with self._lock:
             n_examples = self._cache(trial.study).n_examples
@@ -345,6 +394,7 @@ class M2N2Sampler(BaseSampler):
             n_folded=state.n_folded,
             position=state.position,
             alpha=self._alpha,
+            capacity=self._capacity,
         )
 
     # ----------------------------------------------------------------- the sampler interface
@@ -431,14 +481,15 @@ class M2N2Sampler(BaseSampler):
             if memo is not None and memo[0] is matrix:
                 _, weights, fitness = memo  # the archive did not change since the last draw
             else:
-                weights = example_weights(matrix, self._alpha)
-                fitness = shared_fitness(matrix, self._alpha)
+                weights = example_weights(matrix, self._alpha, self._capacity)
+                fitness = shared_fitness(matrix, self._alpha, self._capacity)
                 with self._lock:
                     self._cache(study).weights = (matrix, weights, fitness)
             a, b = draw_parents(
                 matrix,
                 rng,
                 self._alpha,
+                self._capacity,
                 filled=state.filled,
                 use_attraction=self._use_attraction,
                 weights=weights,
@@ -570,9 +621,13 @@ class M2N2Sampler(BaseSampler):
         Returns the state and its ``archive_size x N`` score matrix (empty slots: zero rows).
         """
         storage, study_id = study._storage, study._study_id
-        stored = storage.get_study_system_attrs(study_id).get(FOLD_KEY)
+        attrs = storage.get_study_system_attrs(study_id)
+        stored = attrs.get(FOLD_KEY)
         with self._lock:
             memo = self._cache(study).fold
+            capacity_checked = self._cache(study).capacity_checked
+        if not capacity_checked:
+            self._check_capacity(study, attrs)
         if memo is not None and (memo[0] is stored or memo[0] == stored):
             # The stored state is the one this process decoded or wrote last: reuse its
             # decoded form (copied, as the fold below changes it in place).
@@ -625,6 +680,28 @@ class M2N2Sampler(BaseSampler):
             self._cache(study).fold = (stored, state, matrix)
         return state, matrix
 
+    def _check_capacity(self, study: Study, attrs: dict[str, Any]) -> None:
+        """Store this sampler's capacity with a study that has none and no archive yet;
+        otherwise refuse a capacity other than the study's (absent: all ones)."""
+        stored = decode_scores(attrs, CAPACITY_KEY)
+        if stored is None and self._capacity is not None and attrs.get(FOLD_KEY) is None:
+            storage, study_id = study._storage, study._study_id
+            for key, value in encode_scores(self._capacity, CAPACITY_KEY).items():
+                storage.set_study_system_attr(study_id, key, value)
+            stored = self._capacity
+        mine = self._capacity
+        if stored is None or mine is None:
+            same = stored is None and mine is None
+        else:
+            same = bool(np.array_equal(stored, mine))
+        if not same:
+            raise ValueError(
+                f"this study's M2N2 archive was built with capacity {_describe_capacity(stored)}"
+                f"; create the sampler with the same capacity, not {_describe_capacity(mine)}"
+            )
+        with self._lock:
+            self._cache(study).capacity_checked = True
+
     def _fold(
         self,
         study: Study,
@@ -655,7 +732,9 @@ class M2N2Sampler(BaseSampler):
             return matrix
         plan = _own_plan(trial.system_attrs, trial.number)
         seed = plan["seed"] if plan is not None and plan["role"] == "seed" else None
-        slot = _entry_slot(matrix, state.filled, scores, seed is not None, self._alpha)
+        slot = _entry_slot(
+            matrix, state.filled, scores, seed is not None, self._alpha, self._capacity
+        )
         state.n_folded += 1
         if seed is not None and seed not in state.seeds:
             state.seeds.append(int(seed))

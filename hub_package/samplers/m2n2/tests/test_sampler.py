@@ -339,7 +339,7 @@ def _fractional_objective(sampler: Any, n_examples: int) -> Callable[[optuna.Tri
 #: (sampler arguments, trials, objective) -> sha256 of every plan, trial state and the final
 #: archive, as computed before the sampler's clean-up (issue 16): refactors must not change
 #: a seeded run. Plans are hashed without their former ``fold_position`` entry.
-PINNED_RUNS = [
+PINNED_RUNS: list[tuple[dict[str, Any], int, str, str]] = [
     (
         {"archive_size": 4, "seed": 1},
         40,
@@ -403,3 +403,85 @@ def test_seeded_runs_are_pinned(
     kwargs: dict[str, Any], n_trials: int, kind: str, digest: str
 ) -> None:
     assert _run_digest(kwargs, n_trials, kind) == digest
+
+
+# ----------------------------------------------------------------- capacity
+
+
+def test_capacity_weighs_the_archive_and_is_stored() -> None:
+    capacity = np.where(np.arange(12) < 3, 6.0, 0.5)  # three examples weigh 12x the others
+    sampler = m2n2.M2N2Sampler(archive_size=3, seed=7, capacity=capacity)
+    study = run(sampler, 40, fail_every=7, prune_every=11)
+    archive = sampler.archive(study)
+    assert archive.slots == refold(m2n2, study.trials, 3, capacity=capacity)[0]
+    assert archive.slots != refold(m2n2, study.trials, 3)[0]  # the weights matter here
+    np.testing.assert_array_equal(archive.capacity, capacity)
+    np.testing.assert_allclose(
+        archive.fitness(), m2n2.shared_fitness(archive.scores, 1.0, capacity)
+    )
+    child = np.ones(12)
+    assert archive.entry_slot(child) == m2n2.replace_index(
+        archive.slot_scores, child, 1.0, capacity
+    )
+    stored = study._storage.get_study_system_attrs(study._study_id)["m2n2:capacity"]
+    assert stored.startswith("f8:12:")
+    # Plans drawn with the capacity: parent A by the weighted shared fitness.
+    plan = study.trials[-1].system_attrs["m2n2:plan"]
+    assert plan["role"] == "child"
+
+
+def test_capacity_is_fixed_for_the_study() -> None:
+    storage = optuna.storages.InMemoryStorage()
+    capacity = np.linspace(0.5, 2.0, 12)
+    sampler = m2n2.M2N2Sampler(archive_size=3, seed=0, capacity=capacity)
+    study = optuna.create_study(storage=storage, sampler=sampler)
+    run(sampler, 4, study=study)
+    for other in (None, capacity[::-1], np.ones(12), capacity[:6]):
+        wrong = m2n2.M2N2Sampler(archive_size=3, capacity=other)
+        resumed = optuna.load_study(study_name=study.study_name, storage=storage, sampler=wrong)
+        with pytest.raises(ValueError, match="built with capacity 12 weights"):
+            wrong.archive(resumed)
+        with pytest.raises(ValueError, match="capacity"):
+            resumed.ask()
+    same = m2n2.M2N2Sampler(archive_size=3, seed=0, capacity=list(capacity))
+    resumed = optuna.load_study(study_name=study.study_name, storage=storage, sampler=same)
+    run(same, 4, study=resumed)
+    assert same.archive(resumed).n_folded == 8
+    # A study without capacity refuses one: its archive was built with every c_j = 1.
+    plain = run(m2n2.M2N2Sampler(archive_size=3, seed=0), 3)
+    with pytest.raises(ValueError, match=r"capacity None \(1 for every example\)"):
+        m2n2.M2N2Sampler(archive_size=3, capacity=capacity).archive(plain)
+
+
+def test_all_ones_capacity_is_no_capacity() -> None:
+    kwargs, n_trials, kind, digest = PINNED_RUNS[0]
+    assert _run_digest({**kwargs, "capacity": np.ones(30)}, n_trials, kind) == digest
+    sampler = m2n2.M2N2Sampler(archive_size=3, seed=0, capacity=[1.0] * 12)
+    study = run(sampler, 5)
+    assert "m2n2:capacity" not in study._storage.get_study_system_attrs(study._study_id)
+    assert sampler.archive(study).capacity is None
+
+
+@pytest.mark.parametrize(
+    "capacity, message",
+    [
+        ([1.0, 0.0], "finite and > 0, got 0.0 at index 1"),
+        ([1.0, -2.0], "finite and > 0, got -2.0 at index 1"),
+        ([np.nan, 1.0], "finite and > 0, got nan at index 0"),
+        ([np.inf], "finite and > 0, got inf"),
+        ([[1.0, 2.0]], "1-D vector"),
+        ([], "non-empty"),
+        (["a"], "must be numbers"),
+    ],
+)
+def test_invalid_capacity(capacity: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        m2n2.M2N2Sampler(capacity=capacity)
+
+
+def test_scores_must_match_the_capacity() -> None:
+    sampler = m2n2.M2N2Sampler(archive_size=3, seed=0, capacity=np.full(5, 2.0))
+    study = optuna.create_study(sampler=sampler)
+    trial = study.ask()
+    with pytest.raises(ValueError, match="capacity has 5"):
+        sampler.set_scores(trial, np.ones(4))
