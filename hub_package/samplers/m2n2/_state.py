@@ -136,3 +136,11 @@ class FoldState:
     @property
     def filled(self) -> NDArray[np.bool_]:
         return np.array([number is not None for number in self.slots], dtype=bool)
+
+
+def own_plan(system_attrs: Any, number: int) -> dict[str, Any] | None:
+    """The trial's plan, or None (no plan yet, or one copied from another trial by a retry)."""
+    plan = system_attrs.get(PLAN_KEY) if system_attrs is not None else None
+    if isinstance(plan, dict) and plan.get("trial") == number:
+        return plan
+    return None
