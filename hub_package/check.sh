@@ -6,7 +6,9 @@
 # Mirrored from optuna/optunahub-registry at commit REGISTRY_COMMIT below:
 #   .pre-commit-config.yaml  ruff-pre-commit v0.15.21 (hooks ruff, ruff-format), mirrors-mypy
 #                            v2.3.0 (+ types-PyYAML), mdformat 1.0.0 (+ mdformat-myst);
-#   pyproject.toml           [tool.ruff] and [tool.mypy], copied verbatim into REGISTRY_PYPROJECT;
+#   pyproject.toml           copied verbatim into REGISTRY_PYPROJECT (ruff reads its [tool.ruff] and
+#                            takes its target version from requires-python; mypy its [tool.mypy]);
+#   .github/workflows/checks.yaml  pre-commit runs on Python 3.10: mypy gets --python-version 3.10;
 #   optunahub-registry/header_confirm.py (its header-confirm workflow), in HEADER_CONFIRM;
 #   the hooks' entries: `ruff check --force-exclude`, `ruff format --force-exclude`,
 #   `mypy --ignore-missing-imports --scripts-are-modules`, `mdformat`.
@@ -51,6 +53,42 @@ mkdir -p "$root/package/samplers"
 cp -r "$pkg" "$root/package/samplers/m2n2"
 find "$root" \( -name __pycache__ -o -name '.*_cache' \) -prune -exec rm -rf {} +
 cat >"$root/pyproject.toml" <<'REGISTRY_PYPROJECT'
+[build-system]
+requires = ["setuptools >= 61.1.0", "wheel"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "optunahub-registry"
+description = "Registry for OptunaHub"
+readme = "README.md"
+license = {file = "LICENSE"}
+authors = [
+  {name = "Optuna team"}
+]
+requires-python = ">=3.8"
+dependencies = [
+  "mdutils",
+  "python-frontmatter",
+]
+dynamic = ["version"]
+
+[project.optional-dependencies]
+checking = [
+  "pre-commit",
+]
+
+[project.urls]
+homepage = "https://hub.optuna.org/"
+repository = "https://github.com/optuna/optunahub-registry"
+documentation = "https://optuna.github.io/optunahub/"
+bugtracker = "https://github.com/optuna/optunahub-registry/issues"
+
+[tool.setuptools.packages.find]
+include = ["package*"]
+
+[tool.setuptools.dynamic]
+version = {attr = "version.__version__"}
+
 [tool.ruff]
 line-length = 99
 
@@ -96,7 +134,7 @@ bin="$venv/bin"
 echo "registry hook: ruff (check)";  "$bin/ruff" check --force-exclude "${py_files[@]}"
 echo "registry hook: ruff-format";   "$bin/ruff" format --force-exclude --check "${py_files[@]}"
 echo "registry hook: mypy"
-"$bin/mypy" --ignore-missing-imports --scripts-are-modules "${py_files[@]}"
+"$bin/mypy" --python-version 3.10 --ignore-missing-imports --scripts-are-modules "${py_files[@]}"
 echo "registry hook: mdformat";      "$bin/mdformat" --check "${md_files[@]}"
 
 echo "registry workflow: header-confirm"
