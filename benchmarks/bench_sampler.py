@@ -31,6 +31,11 @@ growth on SQLite is outside the sampler, in Optuna's own per-trial work: numberi
 runs a SQL COUNT over the study's earlier trials (``TrialModel.count_past_trials``) and each ask
 filters every cached trial for WAITING ones (``_CachedStorage.get_all_trials``, ~0.6 ms at
 10,000); with InMemoryStorage the whole trial stays flat.
+
+The hub clean-up (one function per concept in niches.py, capacity) against the tree before it,
+both samplers in one process with their trials interleaved in chunks of 10 (the machine at load
+~4 on 2 cores, so absolute times are ~4x the above): sampler median 1.31 -> 1.27 ms at trial
+100 and 1.25 -> 1.21 ms at trial 5,000; the same 6 storage calls per trial.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def test_public_api() -> None:
 
 
 def test_same_source_as_the_hub_package() -> None:
-    for name in ("__init__.py", "m2n2.py", "niches.py", "_state.py"):
+    for name in ("__init__.py", "archive.py", "m2n2.py", "niches.py", "_state.py"):
         shipped = Path(hub.__file__).parent / name
         assert shipped.read_bytes() == (HUB_PACKAGE / name).read_bytes(), name
 

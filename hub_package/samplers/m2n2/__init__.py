@@ -4,7 +4,7 @@ Load it from OptunaHub (``optunahub.load_module("samplers/m2n2")``) or, inside t
 as ``m2n2_plugin.hub``. Both are this one folder.
 """
 
-from .m2n2 import Archive
+from .archive import Archive
 from .m2n2 import M2N2Sampler
 from .niches import attraction
 from .niches import can_enter

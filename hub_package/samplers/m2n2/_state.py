@@ -4,11 +4,14 @@ Study system attrs:
     ``m2n2:fold``       the fold cache, a JSON object (see :class:`FoldState`).
     ``m2n2:n_examples`` N, the length of every score vector in the study (set by the first
                         ``set_scores``).
+    ``m2n2:capacity``   the per-example capacity ``c_j``, encoded as ``m2n2:scores`` below
+                        (chunks in ``m2n2:capacity:0`` ...); absent: every ``c_j`` is 1.
 Trial system attrs:
     ``m2n2:plan``       the trial's plan, a JSON object: ``role`` ("seed" or "child"), ``seed``
                         (seed index or null), ``parents`` ([A, B] trial numbers or null),
-                        ``mix_ratio``, ``split_point``, ``fold_position`` (trials before this
-                        number were folded into the archive the parents came from).
+                        ``mix_ratio``, ``split_point``, and ``trial`` (its number: a retried
+                        trial inherits the failed one's attrs, and a plan whose number is
+                        another trial's is not its own).
     ``m2n2:scores``     the score vector, ``"<kind>:<N>:<base64>"`` where kind is ``bits``
                         (every value 0 or 1; numpy.packbits, 1 bit per example) or ``f8``
                         (little-endian float64). A payload over 60,000 characters (MySQL's
@@ -29,6 +32,7 @@ from numpy.typing import NDArray
 PREFIX = "m2n2:"
 FOLD_KEY = PREFIX + "fold"
 N_EXAMPLES_KEY = PREFIX + "n_examples"
+CAPACITY_KEY = PREFIX + "capacity"
 PLAN_KEY = PREFIX + "plan"
 SCORES_KEY = PREFIX + "scores"
 #: Longest attr value written in one piece; MySQL's TEXT column holds 65,535 bytes.
@@ -36,8 +40,8 @@ CHUNK_CHARS = 60_000
 FOLD_FORMAT = 1
 
 
-def encode_scores(scores: NDArray[np.float64]) -> dict[str, str]:
-    """The trial system attrs that hold ``scores`` (validated, 1-D float64)."""
+def encode_scores(scores: NDArray[np.float64], key: str = SCORES_KEY) -> dict[str, str]:
+    """The system attrs that hold ``scores`` (validated, 1-D float64) under ``key``."""
     if np.all((scores == 0.0) | (scores == 1.0)):
         kind, payload = "bits", np.packbits(scores == 1.0).tobytes()
     else:
@@ -45,22 +49,24 @@ def encode_scores(scores: NDArray[np.float64]) -> dict[str, str]:
     text = base64.b64encode(payload).decode("ascii")
     head = f"{kind}:{scores.size}:"
     if len(text) <= CHUNK_CHARS:
-        return {SCORES_KEY: head + text}
+        return {key: head + text}
     pieces = [text[i : i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS)]
-    attrs = {f"{SCORES_KEY}:{i}": piece for i, piece in enumerate(pieces)}
-    attrs[SCORES_KEY] = f"{head}*{len(pieces)}"  # written last: the header makes it visible
+    attrs = {f"{key}:{i}": piece for i, piece in enumerate(pieces)}
+    attrs[key] = f"{head}*{len(pieces)}"  # written last: the header makes it visible
     return attrs
 
 
-def decode_scores(system_attrs: dict[str, Any]) -> NDArray[np.float64] | None:
-    """The score vector stored in a trial's system attrs, or None if there is none."""
-    value = system_attrs.get(SCORES_KEY)
+def decode_scores(
+    system_attrs: dict[str, Any], key: str = SCORES_KEY
+) -> NDArray[np.float64] | None:
+    """The vector stored in system attrs under ``key``, or None if there is none."""
+    value = system_attrs.get(key)
     if not isinstance(value, str):
         return None
     kind, n_text, text = value.split(":", 2)
     n = int(n_text)
     if text.startswith("*"):
-        text = "".join(system_attrs[f"{SCORES_KEY}:{i}"] for i in range(int(text[1:])))
+        text = "".join(system_attrs[f"{key}:{i}"] for i in range(int(text[1:])))
     payload = base64.b64decode(text)
     if kind == "bits":
         bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), count=n)
@@ -130,3 +136,11 @@ class FoldState:
     @property
     def filled(self) -> NDArray[np.bool_]:
         return np.array([number is not None for number in self.slots], dtype=bool)
+
+
+def own_plan(system_attrs: Any, number: int) -> dict[str, Any] | None:
+    """The trial's plan, or None (no plan yet, or one copied from another trial by a retry)."""
+    plan = system_attrs.get(PLAN_KEY) if system_attrs is not None else None
+    if isinstance(plan, dict) and plan.get("trial") == number:
+        return plan
+    return None

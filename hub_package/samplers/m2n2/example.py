@@ -6,24 +6,26 @@ about half the examples right. Every other trial merges two archive members with
 SLERP; the per-example correctness on the fitness set is the trial's score vector. For LLMs
 the shape is the same: the seeds are the models of a mergekit config, the merge is mergekit's
 ``m2n2`` method and the scores come from lm-eval, one per document.
+
+``python example.py images/m2n2_example.png`` also draws the archive (needs matplotlib): which
+fitness examples each member solves, and the best member's score and the archive's coverage
+trial by trial. That picture is the package's thumbnail.
 """
 
 from __future__ import annotations
 
 import math
-import os
+import sys
+from typing import Any
 
 import numpy as np
 import optuna
+from optuna.trial import FrozenTrial
 from optuna.trial import Trial
 import optunahub
 
 
-# The package folder's parent's parent is the registry root (``package/`` in the registry).
-m2n2 = optunahub.load_local_module(
-    "samplers/m2n2", registry_root=os.path.join(os.path.dirname(__file__), "..", "..")
-)
-# Published on OptunaHub: m2n2 = optunahub.load_module("samplers/m2n2")
+m2n2 = optunahub.load_module("samplers/m2n2")
 
 
 def make_data(n_per_class: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -82,10 +84,60 @@ def objective(trial: Trial) -> float:
     return float(scores.mean())
 
 
+history: list[tuple[int, float, float]] = []  # (trial, best member's mean score, coverage)
+
+
+def record(study: optuna.Study, trial: FrozenTrial) -> None:
+    archive = sampler.archive(study)
+    best = archive.best()
+    if best is not None:
+        history.append((trial.number, float(archive.mean_scores.max()), archive.coverage))
+
+
+def plot(path: str, archive: Any) -> None:
+    """The thumbnail: who solves what in the archive, and the best score trial by trial."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(-archive.mean_scores, kind="stable")
+    seed_rows = [accuracy(weights, x_fit, y_fit) for weights in seeds]
+    rows = np.vstack([archive.scores[order], archive.scores.max(axis=0), *seed_rows])
+    labels = [f"trial {archive.members[i]}" for i in order] + ["any member"]
+    labels += [f"seed {i}" for i in range(len(seeds))]
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(11, 4.4), gridspec_kw={"width_ratios": [1.5, 1]}, layout="constrained"
+    )
+    left.imshow(rows, aspect="auto", cmap="Greens", vmin=0.0, vmax=1.0, interpolation="none")
+    for row in (len(order) - 0.5, len(order) + 0.5):
+        left.axhline(row, color="black", linewidth=1.5)
+    for boundary in np.flatnonzero(np.diff(y_fit)) + 0.5:
+        left.axvline(boundary, color="grey", linewidth=0.8, linestyle=":")
+    left.set_yticks(range(len(labels)), labels, fontsize=8)
+    left.set_xticks(
+        [np.flatnonzero(y_fit == k).mean() for k in range(4)], [f"class {k}" for k in range(4)]
+    )
+    left.set_xlabel("fitness examples (green: solved)")
+    left.set_title(f"Archive after {len(history)} trials: coverage {archive.coverage:.0%}")
+    trials, best, coverage = np.array(history).T
+    seed_mean = float(np.mean([row.mean() for row in seed_rows]))
+    right.plot(trials + 1, coverage, label="archive coverage", color="tab:green")
+    right.plot(trials + 1, best, label="best member's score", color="tab:blue")
+    right.axhline(seed_mean, color="grey", linestyle="--", linewidth=1, label="a seed's score")
+    right.set_xscale("log")
+    right.set_xlabel("trials run (log scale)")
+    right.set_ylabel("share of fitness examples solved")
+    right.set_ylim(0.0, 1.02)
+    right.set_title("Merging two specialists")
+    right.legend(loc="lower right")
+    fig.savefig(path, dpi=110)
+
+
 if __name__ == "__main__":
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=sampler, direction="maximize")
-    study.optimize(objective, n_trials=300)
+    study.optimize(objective, n_trials=300, callbacks=[record])
 
     archive = sampler.archive(study)
     best = archive.best()
@@ -98,3 +150,6 @@ if __name__ == "__main__":
         f"best member, trial {best}: fitness accuracy {study.trials[best].value:.3f}, "
         f"test accuracy {accuracy(models[best], x_test, y_test).mean():.3f}"
     )
+    if len(sys.argv) > 1:
+        plot(sys.argv[1], archive)
+        print(f"wrote {sys.argv[1]}")

@@ -36,17 +36,22 @@ from optuna.trial import FrozenTrial
 from optuna.trial import Trial
 from optuna.trial import TrialState
 
+from ._state import CAPACITY_KEY
 from ._state import decode_scores
 from ._state import encode_scores
 from ._state import FOLD_KEY
 from ._state import FoldState
 from ._state import N_EXAMPLES_KEY
+from ._state import own_plan
 from ._state import PLAN_KEY
 from ._state import SCORES_KEY
-from .niches import can_enter
+from .archive import Archive
+from .archive import describe_capacity
+from .archive import entry_slot
+from .archive import validate_capacity
+from .archive import validate_scores
 from .niches import draw_parents
 from .niches import example_weights
-from .niches import replace_index
 from .niches import shared_fitness
 
 
@@ -70,95 +75,6 @@ _PLAN_TIMEOUT = 30.0
 _LAG_WARNING = 100
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Archive:
-    """The M2N2 archive as of the fold position, for reports.
-
-    Attributes:
-        members: trial numbers of the archive members in slot order, empty slots left out.
-        scores: ``len(members) x N`` score matrix, rows in ``members`` order (read-only).
-        slots: length ``archive_size``; the member's trial number per slot, None when empty.
-        n_folded: COMPLETE trials with scores folded so far (each once, kept or not).
-        position: the fold covers every trial numbered below this.
-        alpha: the study's sharing exponent.
-    """
-
-    members: list[int]
-    scores: NDArray[np.float64]
-    slots: list[int | None]
-    n_folded: int
-    position: int
-    alpha: float = 1.0
-
-    def __len__(self) -> int:
-        return len(self.members)
-
-    @property
-    def slot_scores(self) -> NDArray[np.float64]:
-        """``archive_size x N`` scores in slot order, empty slots as zero rows (what the
-        replacement rule and parent selection see)."""
-        matrix = np.zeros((len(self.slots), self.scores.shape[1]))
-        filled = [slot for slot, number in enumerate(self.slots) if number is not None]
-        matrix[filled] = self.scores
-        return matrix
-
-    def entry_slot(self, child_scores: ArrayLike, *, seed: bool = False) -> int | None:
-        """The slot a trial with these scores would take if it were folded next, or None.
-
-        A seed takes the first empty slot if there is one; everything else competes
-        (:func:`.niches.replace_index`). With one worker this is what happens to the running
-        trial (e.g. to keep a child's weights only if it enters); with several, trials that
-        finish first may change the archive before it is folded.
-        """
-        empty = [slot for slot, number in enumerate(self.slots) if number is None]
-        if seed and empty:
-            return empty[0]
-        return replace_index(self.slot_scores, child_scores, self.alpha)
-
-    def can_enter(self, child_scores: ArrayLike, evaluated: ArrayLike) -> bool:
-        """Whether a child scored on the ``evaluated`` examples so far (a boolean mask) can
-        still enter the archive if it is folded next: :func:`.niches.can_enter` with this
-        archive's slots and alpha. False is a proof that it cannot, whatever its other scores,
-        so its evaluation can stop (raise ``optuna.TrialPruned``: the fold skips the trial,
-        exactly as it would have dropped the child).
-
-        For children only: a pruned seed trial frees its seed, which is then issued again.
-        Like :meth:`entry_slot` this is exact with one worker; with several, trials that finish
-        first may change the archive before this one is folded. True while the archive has no
-        member (the child would take an empty slot).
-        """
-        if not self.members:
-            return True
-        return can_enter(self.slot_scores, child_scores, evaluated, self.alpha)
-
-    def fitness(self, alpha: float | None = None) -> NDArray[np.float64]:
-        """Shared fitness of each member, the load ``z`` summed over the members (default
-        alpha: the study's)."""
-        if not self.members:
-            return np.zeros(0)
-        return shared_fitness(self.scores, self.alpha if alpha is None else alpha)
-
-    @property
-    def mean_scores(self) -> NDArray[np.float64]:
-        """Each member's mean score over the examples (its plain accuracy for 0/1 scores)."""
-        return self.scores.mean(axis=1) if self.members else np.zeros(0)
-
-    @property
-    def coverage(self) -> float:
-        """Best score on each example over all members, averaged over the examples.
-
-        For 0/1 scores: the share of examples that at least one member solves -- what a
-        perfect router over the archive would score, an upper bound for any single member.
-        """
-        return float(self.scores.max(axis=0).mean()) if self.members else 0.0
-
-    def best(self) -> int | None:
-        """Trial number of the member with the highest mean score (first slot on a tie)."""
-        if not self.members:
-            return None
-        return self.members[int(np.argmax(self.mean_scores))]
-
-
 @dataclasses.dataclass
 class _StudyCache:
     """Per-study memo of immutable things: finished trials' score vectors and own plans."""
@@ -167,40 +83,14 @@ class _StudyCache:
     plans: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
     warned: set[str] = dataclasses.field(default_factory=set)
     n_examples: int | None = None
+    #: The study's stored capacity was found equal to this sampler's.
+    capacity_checked: bool = False
     #: The last fold state seen or written: (its stored JSON, the state, its score matrix).
     #: Reused while the study's stored fold state equals that JSON; never mutated.
     fold: tuple[Any, FoldState, NDArray[np.float64]] | None = None
     #: (score matrix, its example weights, its shared fitness) for the last matrix parents
     #: were drawn from (the matrix is read-only, so identity means the same archive).
     weights: tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]] | None = None
-
-
-def _validate_scores(scores: ArrayLike) -> NDArray[np.float64]:
-    try:
-        vector = np.array(scores, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"scores must be numbers: {error}") from None
-    if vector.ndim != 1:
-        raise ValueError(f"scores must be 1-D (one value per example), got shape {vector.shape}")
-    if vector.size == 0:
-        raise ValueError("scores must hold at least one example, got an empty vector")
-    if np.all((vector >= 0.0) & (vector <= 1.0)):  # NaN fails both comparisons
-        return vector
-    bad = np.flatnonzero(~np.isfinite(vector))
-    if bad.size:
-        raise ValueError(f"scores must be finite, got {vector[bad[0]]} at index {bad[0]}")
-    bad = np.flatnonzero((vector < 0.0) | (vector > 1.0))
-    if bad.size:
-        raise ValueError(f"scores must lie in [0, 1], got {vector[bad[0]]} at index {bad[0]}")
-    return vector
-
-
-def _own_plan(system_attrs: Any, number: int) -> dict[str, Any] | None:
-    """The trial's plan, or None (no plan yet, or one copied from another trial by a retry)."""
-    plan = system_attrs.get(PLAN_KEY) if system_attrs is not None else None
-    if isinstance(plan, dict) and plan.get("trial") == number:
-        return plan
-    return None
 
 
 class M2N2Sampler(BaseSampler):
@@ -227,6 +117,10 @@ class M2N2Sampler(BaseSampler):
             ``split_point``; default ``RandomSampler(seed)``.
         poll_interval: longest pause (seconds) between storage polls while a child waits for
             the first seed to finish.
+        capacity: per-example weights ``c_j`` (positive, finite, one per fitness example) for
+            shared fitness, attraction, replacement and early rejection; None (default) or all
+            ones: every example weighs 1. Fixed for the study: stored with it by the first
+            trial, and a sampler with another capacity is refused on that study.
     """
 
     def __init__(
@@ -240,6 +134,7 @@ class M2N2Sampler(BaseSampler):
         *,
         independent_sampler: BaseSampler | None = None,
         poll_interval: float = 1.0,
+        capacity: ArrayLike | None = None,
     ) -> None:
         if int(archive_size) != archive_size or archive_size < 1:
             raise ValueError(f"archive_size must be a positive integer, got {archive_size!r}")
@@ -257,6 +152,7 @@ class M2N2Sampler(BaseSampler):
         self._seed = seed
         self._independent_sampler = independent_sampler or RandomSampler(seed=seed)
         self._poll_interval = float(poll_interval)
+        self._capacity = validate_capacity(capacity)
         self._lock = threading.Lock()
         self._caches: WeakKeyDictionary[BaseStorage, dict[int, _StudyCache]] = WeakKeyDictionary()
 
@@ -298,7 +194,12 @@ class M2N2Sampler(BaseSampler):
         """
         if not isinstance(trial, Trial):
             raise TypeError(f"set_scores needs the running optuna.Trial, got {type(trial)}")
-        vector = _validate_scores(scores)
+        vector = validate_scores(scores)
+        if self._capacity is not None and vector.size != self._capacity.size:
+            raise ValueError(
+                f"scores has {vector.size} values, but the sampler's capacity has "
+                f"{self._capacity.size} (one weight per fitness example)"
+            )
         storage, study_id = trial.study._storage, trial.study._study_id
         with self._lock:
             n_examples = self._cache(trial.study).n_examples
@@ -330,6 +231,7 @@ class M2N2Sampler(BaseSampler):
             n_folded=state.n_folded,
             position=state.position,
             alpha=self._alpha,
+            capacity=self._capacity,
         )
 
     # ----------------------------------------------------------------- the sampler interface
@@ -416,14 +318,15 @@ class M2N2Sampler(BaseSampler):
             if memo is not None and memo[0] is matrix:
                 _, weights, fitness = memo  # the archive did not change since the last draw
             else:
-                weights = example_weights(matrix, self._alpha)
-                fitness = (matrix * weights).sum(axis=1)  # shared_fitness(matrix, alpha)
+                weights = example_weights(matrix, self._alpha, self._capacity)
+                fitness = shared_fitness(matrix, self._alpha, self._capacity)
                 with self._lock:
                     self._cache(study).weights = (matrix, weights, fitness)
             a, b = draw_parents(
                 matrix,
                 rng,
                 self._alpha,
+                self._capacity,
                 filled=state.filled,
                 use_attraction=self._use_attraction,
                 weights=weights,
@@ -434,7 +337,6 @@ class M2N2Sampler(BaseSampler):
             plan["parents"] = None
         plan[MIX_RATIO] = float(rng.random())
         plan[SPLIT_POINT] = float(rng.random()) if self._use_split_point else 1.0
-        plan["fold_position"] = state.position
         storage.set_trial_system_attr(trial._trial_id, PLAN_KEY, plan)
         with self._lock:
             self._cache(study).plans[trial._trial_id] = plan
@@ -445,7 +347,7 @@ class M2N2Sampler(BaseSampler):
             plan = self._cache(study).plans.get(trial._trial_id)
         if plan is None:
             fresh = study._storage.get_trial(trial._trial_id)
-            plan = _own_plan(fresh.system_attrs, fresh.number)
+            plan = own_plan(fresh.system_attrs, fresh.number)
             if plan is None:  # a trial created without before_trial (storage-level tests)
                 plan = self._make_plan(study, fresh)
         return plan
@@ -456,9 +358,9 @@ class M2N2Sampler(BaseSampler):
                 plan = self._cache(trial.study).plans.get(trial._trial_id)
             if plan is None:
                 attrs = trial.study._storage.get_trial(trial._trial_id).system_attrs
-                plan = _own_plan(attrs, trial.number)
+                plan = own_plan(attrs, trial.number)
         elif isinstance(trial, FrozenTrial):
-            plan = _own_plan(trial.system_attrs, trial.number)
+            plan = own_plan(trial.system_attrs, trial.number)
         else:
             raise TypeError(f"expected an optuna.Trial or FrozenTrial, got {type(trial)}")
         if plan is None or (plan["role"] == "child" and plan.get("parents") is None):
@@ -484,7 +386,7 @@ class M2N2Sampler(BaseSampler):
             trial = storage.get_trial(trial_id)
             if trial.state not in (TrialState.RUNNING, TrialState.COMPLETE):
                 continue  # FAIL / PRUNED: its seed is free again; WAITING: not planned
-            plan = _own_plan(trial.system_attrs, k)
+            plan = own_plan(trial.system_attrs, k)
             if plan is None and trial.state == TrialState.RUNNING:
                 plan = self._await_plan(storage, trial_id, k)
             if plan is not None and plan["role"] == "seed":
@@ -501,7 +403,7 @@ class M2N2Sampler(BaseSampler):
             time.sleep(pause)
             pause = min(2 * pause, 0.1)
             trial = storage.get_trial(trial_id)
-            plan = _own_plan(trial.system_attrs, number)
+            plan = own_plan(trial.system_attrs, number)
             if plan is not None or trial.state != TrialState.RUNNING:
                 return plan
         _logger.warning(
@@ -556,9 +458,13 @@ class M2N2Sampler(BaseSampler):
         Returns the state and its ``archive_size x N`` score matrix (empty slots: zero rows).
         """
         storage, study_id = study._storage, study._study_id
-        stored = storage.get_study_system_attrs(study_id).get(FOLD_KEY)
+        attrs = storage.get_study_system_attrs(study_id)
+        stored = attrs.get(FOLD_KEY)
         with self._lock:
             memo = self._cache(study).fold
+            capacity_checked = self._cache(study).capacity_checked
+        if not capacity_checked:
+            self._check_capacity(study, attrs)
         if memo is not None and (memo[0] is stored or memo[0] == stored):
             # The stored state is the one this process decoded or wrote last: reuse its
             # decoded form (copied, as the fold below changes it in place).
@@ -611,6 +517,28 @@ class M2N2Sampler(BaseSampler):
             self._cache(study).fold = (stored, state, matrix)
         return state, matrix
 
+    def _check_capacity(self, study: Study, attrs: dict[str, Any]) -> None:
+        """Store this sampler's capacity with a study that has none and no archive yet;
+        otherwise refuse a capacity other than the study's (absent: all ones)."""
+        stored = decode_scores(attrs, CAPACITY_KEY)
+        if stored is None and self._capacity is not None and attrs.get(FOLD_KEY) is None:
+            storage, study_id = study._storage, study._study_id
+            for key, value in encode_scores(self._capacity, CAPACITY_KEY).items():
+                storage.set_study_system_attr(study_id, key, value)
+            stored = self._capacity
+        mine = self._capacity
+        if stored is None or mine is None:
+            same = stored is None and mine is None
+        else:
+            same = bool(np.array_equal(stored, mine))
+        if not same:
+            raise ValueError(
+                f"this study's M2N2 archive was built with capacity {describe_capacity(stored)}"
+                f"; create the sampler with the same capacity, not {describe_capacity(mine)}"
+            )
+        with self._lock:
+            self._cache(study).capacity_checked = True
+
     def _fold(
         self,
         study: Study,
@@ -639,13 +567,11 @@ class M2N2Sampler(BaseSampler):
                 "; the archive skips it.",
             )
             return matrix
-        plan = _own_plan(trial.system_attrs, trial.number)
+        plan = own_plan(trial.system_attrs, trial.number)
         seed = plan["seed"] if plan is not None and plan["role"] == "seed" else None
-        empty = np.flatnonzero(~state.filled)
-        if seed is not None and empty.size:
-            slot: int | None = int(empty[0])  # seeds fill empty slots without competing
-        else:
-            slot = replace_index(matrix, scores, self._alpha)
+        slot = entry_slot(
+            matrix, state.filled, scores, seed is not None, self._alpha, self._capacity
+        )
         state.n_folded += 1
         if seed is not None and seed not in state.seeds:
             state.seeds.append(int(seed))

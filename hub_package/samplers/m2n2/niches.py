@@ -66,10 +66,34 @@ def example_weights(
     ``z_j = 0``, taken as 1.
     """
     matrix = _matrix(scores)
-    load = matrix.sum(axis=0)
+    return _weights(matrix.sum(axis=0), alpha, _capacity(capacity, matrix.shape[1]))
+
+
+def _weights(
+    load: NDArray[np.float64], alpha: float, capacity: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """``c_j / z_j ** alpha`` from the load ``z`` (changed in place: a 0 becomes 1)."""
     load[load == 0.0] = 1.0
-    weights: NDArray[np.float64] = _capacity(capacity, matrix.shape[1]) / load**alpha
+    weights: NDArray[np.float64] = capacity / load**alpha
     return weights
+
+
+def _weights_with_child(
+    archive: NDArray[np.float64],
+    child: NDArray[np.float64],
+    alpha: float,
+    capacity: NDArray[np.float64],
+) -> NDArray[np.float64]:
+    """:func:`example_weights` of the archive rows plus the child as the last row, without
+    copying the archive (numpy sums the rows of an axis-0 sum one after another, so this is the
+    same sum in the same order as ``np.vstack([archive, child]).sum(axis=0)``)."""
+    return _weights(archive.sum(axis=0) + child, alpha, capacity)
+
+
+def _fitness(matrix: NDArray[np.float64], weights: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Shared fitness of each row given the example weights."""
+    fitness: NDArray[np.float64] = (matrix * weights).sum(axis=1)
+    return fitness
 
 
 def shared_fitness(
@@ -86,8 +110,7 @@ def shared_fitness(
         ``f``, shape ``(P,)``.
     """
     matrix = _matrix(scores)
-    fitness: NDArray[np.float64] = (matrix * example_weights(matrix, alpha, capacity)).sum(axis=1)
-    return fitness
+    return _fitness(matrix, example_weights(matrix, alpha, capacity))
 
 
 def attraction(
@@ -105,10 +128,19 @@ def attraction(
         ``g``, shape ``(P,)``.
     """
     matrix = _matrix(scores)
+    return _attraction(matrix, parent_index, example_weights(matrix, alpha, capacity))
+
+
+def _attraction(
+    matrix: NDArray[np.float64], parent_index: int, weights: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """:func:`attraction` given the example weights."""
     if not 0 <= parent_index < matrix.shape[0]:
         raise ValueError(f"parent_index {parent_index} is not a row of a {matrix.shape} matrix")
-    gain = np.maximum(matrix - matrix[parent_index], 0.0)
-    pull: NDArray[np.float64] = (gain * example_weights(matrix, alpha, capacity)).sum(axis=1)
+    gain = np.subtract(matrix, matrix[parent_index])
+    np.maximum(gain, 0.0, out=gain)
+    gain *= weights
+    pull: NDArray[np.float64] = gain.sum(axis=1)
     return pull
 
 
@@ -146,14 +178,8 @@ def replace_index(
     child = np.asarray(child_scores, dtype=np.float64)
     if child.shape != (archive.shape[1],):
         raise ValueError(f"child_scores must have shape ({archive.shape[1]},), got {child.shape}")
-    # shared_fitness(np.vstack([archive, child]), alpha, capacity), the same sums in the same
-    # order (numpy adds the rows of an axis-0 sum one after another, the child last), without
-    # copying the archive: in the sampler's loop fresh archive-sized arrays cost more than the
-    # arithmetic.
-    load = archive.sum(axis=0) + child
-    load[load == 0.0] = 1.0
-    weights = _capacity(capacity, archive.shape[1]) / load**alpha
-    fitness = np.append((archive * weights).sum(axis=1), (child * weights).sum())
+    weights = _weights_with_child(archive, child, alpha, _capacity(capacity, archive.shape[1]))
+    fitness = np.append(_fitness(archive, weights), (child * weights).sum())
     loser = first_argmin(fitness)
     return None if loser == archive.shape[0] else loser
 
@@ -259,9 +285,11 @@ def can_enter(
     n_terms = n_rows + 1 + n_examples
     if not (np.isfinite(alpha) and alpha >= 0.0) or np.any(c < 0.0):
         return True
+    weights = _weights_with_child(archive, best, alpha, c)
     if alpha <= 1.0:
-        fitness = shared_fitness(np.vstack([archive, best]), alpha, c)
-        return not _child_dropped(fitness[:-1], fitness[-1], float(fitness.max()), n_terms)
+        members, child_fitness = _fitness(archive, weights), float((best * weights).sum())
+        largest = max(child_fitness, float(members.max(initial=0.0)))
+        return not _child_dropped(members, child_fitness, largest, n_terms)
     # alpha > 1: bounds, not one completion.
     load = archive[:, open_].sum(axis=0)
     c_open = c[open_]
@@ -269,11 +297,10 @@ def can_enter(
         return True  # the child's term s ** (1 - alpha) is unbounded as s -> 0+
     peak = np.minimum(1.0, load / (alpha - 1.0))  # argmax of s / (s + r) ** alpha on [0, 1]
     child_peaks = c_open * peak / np.where(load > 0.0, peak + load, 1.0) ** alpha
-    weights = example_weights(np.vstack([archive, best]), alpha, c)
     child_most = float((seen * weights[mask]).sum() + child_peaks.sum())
     members_least = archive @ weights  # every unevaluated child score at 1
     worst = np.where(mask, child, 0.0)
-    members_most = shared_fitness(np.vstack([archive, worst]), alpha, c)[:-1]
+    members_most = _fitness(archive, _weights_with_child(archive, worst, alpha, c))
     largest = max(child_most, float(members_most.max(initial=0.0)))
     return not _child_dropped(members_least, child_most, largest, n_terms)
 
@@ -321,8 +348,7 @@ def parent_a_probabilities(
     """
     matrix = _matrix(scores)
     mask = _filled_mask(filled, matrix.shape[0])
-    fitness = np.where(mask, shared_fitness(matrix, alpha, capacity), 0.0)
-    return _normalise(fitness, mask)
+    return _p_a(shared_fitness(matrix, alpha, capacity), mask)
 
 
 def parent_b_probabilities(
@@ -341,17 +367,33 @@ def parent_b_probabilities(
     """
     matrix = _matrix(scores)
     mask = _filled_mask(filled, matrix.shape[0])
-    pull = np.where(mask, attraction(matrix, parent_index, alpha, capacity), 0.0)
+    weights = example_weights(matrix, alpha, capacity)
+    return _p_b(matrix, parent_index, weights, _fitness(matrix, weights), mask)
+
+
+def _p_a(fitness: NDArray[np.float64], filled: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """:func:`parent_a_probabilities` given the shared fitness."""
+    return _normalise(np.where(filled, fitness, 0.0), filled)
+
+
+def _p_b(
+    matrix: NDArray[np.float64],
+    parent_index: int,
+    weights: NDArray[np.float64],
+    fitness: NDArray[np.float64],
+    filled: NDArray[np.bool_],
+) -> NDArray[np.float64]:
+    """:func:`parent_b_probabilities` given the example weights and the shared fitness."""
+    pull = np.where(filled, _attraction(matrix, parent_index, weights), 0.0)
     if float(pull.sum()) > 0.0:
         return pull / float(pull.sum())
-    others = mask.copy()
+    others = filled.copy()
     others[parent_index] = False
     if not others.any():
         alone = np.zeros(matrix.shape[0])
         alone[parent_index] = 1.0
         return alone
-    fitness = np.where(others, shared_fitness(matrix, alpha, capacity), 0.0)
-    return _normalise(fitness, others)
+    return _p_a(fitness, others)
 
 
 def draw_index(rng: np.random.Generator, probabilities: ArrayLike) -> int:
@@ -395,27 +437,9 @@ def draw_parents(
         fitness = None
     else:
         w = np.asarray(weights, dtype=np.float64)
-    if fitness is None:
-        f: NDArray[np.float64] = (matrix * w).sum(axis=1)  # shared_fitness(matrix, ...)
-    else:
-        f = np.asarray(fitness, dtype=np.float64)
-    p_a = _normalise(np.where(mask, f, 0.0), mask)
+    f = _fitness(matrix, w) if fitness is None else np.asarray(fitness, dtype=np.float64)
+    p_a = _p_a(f, mask)
     a = draw_index(rng, p_a)
     if not use_attraction:
         return a, draw_index(rng, p_a)
-    # parent_b_probabilities(matrix, a, alpha, capacity, filled), reusing w and f
-    gain = np.subtract(matrix, matrix[a])
-    np.maximum(gain, 0.0, out=gain)
-    gain *= w
-    pull = np.where(mask, gain.sum(axis=1), 0.0)
-    if float(pull.sum()) > 0.0:
-        p_b = pull / float(pull.sum())
-    else:
-        others = mask.copy()
-        others[a] = False
-        if not others.any():
-            p_b = np.zeros(matrix.shape[0])
-            p_b[a] = 1.0
-        else:
-            p_b = _normalise(np.where(others, f, 0.0), others)
-    return a, draw_index(rng, p_b)
+    return a, draw_index(rng, _p_b(matrix, a, w, f, mask))

@@ -79,6 +79,7 @@ def refold(
     trials: Sequence[FrozenTrial],
     archive_size: int,
     alpha: float = 1.0,
+    capacity: np.ndarray | None = None,
 ) -> tuple[list[int | None], int]:
     """The archive's slots and fold count, recomputed from the trials with nothing cached."""
     decode_scores = importlib.import_module(m2n2.__name__ + "._state").decode_scores
@@ -101,7 +102,7 @@ def refold(
         if plan["role"] == "seed" and None in slots:
             slot = slots.index(None)
         else:
-            slot = m2n2.replace_index(matrix, scores, alpha)
+            slot = m2n2.replace_index(matrix, scores, alpha, capacity)
         if slot is not None:
             slots[slot] = trial.number
             rows[trial.number] = scores

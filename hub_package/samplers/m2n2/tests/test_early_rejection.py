@@ -349,3 +349,31 @@ def test_same_archive_with_and_without_early_rejection(alpha: float, fractional:
     ratio = docs_full / docs_early
     print(f"alpha={alpha} fractional={fractional}: {docs_full} vs {docs_early} docs, x{ratio:.2f}")
     assert ratio > 1.1
+
+
+def test_exhaustive_with_capacity() -> None:
+    """With per-example capacity: every 0/1 and quarter completion of the open examples, at
+    alpha 0, 0.5 and 1 (exact) and 2 (sound)."""
+    rng = np.random.default_rng(7)
+    n_rejected = 0
+    for _ in range(80):
+        archive = np.floor(rng.random((3, 6)) * 3) / 2
+        child = (rng.random(6) < 0.4).astype(float)
+        capacity = rng.choice([0.2, 1.0, 3.0, 7.5], size=6)
+        evaluated = np.zeros(6, dtype=bool)
+        evaluated[rng.permutation(6)[: rng.integers(2, 5)]] = True
+        open_ = np.flatnonzero(~evaluated)
+        grid = np.array(np.meshgrid(*[[0.0, 0.25, 0.5, 1.0]] * open_.size)).reshape(open_.size, -1)
+        for alpha in (0.0, 0.5, 1.0, 2.0):
+            verdict = m2n2.can_enter(archive, child, evaluated, alpha, capacity)
+            entries = []
+            for fill in grid.T:
+                x = child.copy()
+                x[open_] = fill
+                entries.append(m2n2.replace_index(archive, x, alpha, capacity) is not None)
+            if alpha <= 1.0:
+                assert verdict == any(entries), (archive, child, evaluated, capacity, alpha)
+            elif not verdict:
+                assert not any(entries)
+            n_rejected += not verdict
+    assert n_rejected > 30

@@ -193,3 +193,61 @@ def test_draw_index_never_picks_zero_probability() -> None:
             return float(np.nextafter(1.0, 0.0))
 
     assert niches.draw_index(Top(), [0.3, 0.7, 0.0, 0.0]) == 1
+
+
+# ----------------------------------------------------------------- capacity c_j
+
+
+def test_capacity_by_hand() -> None:
+    scores = np.array([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    c = np.array([2.0, 1.0, 0.5])
+    # z = [2, 1, 1]: f_0 = 2*1/2 + 0.5*1/1 = 1.5, f_1 = 2*1/2 + 1*1/1 = 2.0
+    np.testing.assert_allclose(m2n2.shared_fitness(scores, capacity=c), [1.5, 2.0])
+    # g(0, 1) = 1 * max(0, 1 - 0) / 1 = 1 on example 1; g(1, 0) = 0.5 * 1 / 1 on example 2
+    np.testing.assert_allclose(m2n2.attraction(scores, 0, capacity=c), [0.0, 1.0])
+    np.testing.assert_allclose(m2n2.attraction(scores, 1, capacity=c), [0.5, 0.0])
+    np.testing.assert_allclose(m2n2.parent_a_probabilities(scores, capacity=c), [3 / 7, 4 / 7])
+    # alpha = 0.5: z ** 0.5 = [sqrt 2, 1, 1]
+    np.testing.assert_allclose(
+        m2n2.shared_fitness(scores, 0.5, c), [2 / np.sqrt(2) + 0.5, 2 / np.sqrt(2) + 1.0]
+    )
+
+
+def test_capacity_decides_replacement() -> None:
+    archive = np.array([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    child = np.array([0.0, 1.0, 1.0])
+    # z = [2, 2, 2] with the child. All ones: f = [1, 1, 1], a tie: the first member goes.
+    assert m2n2.replace_index(archive, child) == 0
+    # c = [2, 1, 0.5]: f_0 = 1 + 0.25 = 1.25, f_1 = 1 + 0.5 = 1.5, child 0.5 + 0.25 = 0.75
+    assert m2n2.replace_index(archive, child, capacity=[2.0, 1.0, 0.5]) is None
+    # c = [0.5, 1, 2]: f_0 = 0.25 + 1 = 1.25, f_1 = 0.25 + 0.5 = 0.75, child 0.5 + 1 = 1.5
+    assert m2n2.replace_index(archive, child, capacity=[0.5, 1.0, 2.0]) == 1
+
+
+def test_all_ones_capacity_is_bit_identical() -> None:
+    rng = np.random.default_rng(5)
+    for alpha in (0.0, 0.5, 1.0, 2.0):
+        scores = np.floor(rng.random((6, 40)) * 3) / 2
+        scores[:, :3] = 0.0  # z = 0 columns
+        child = np.floor(rng.random(40) * 3) / 2
+        ones = np.ones(40)
+        for f in (m2n2.shared_fitness, m2n2.parent_a_probabilities):
+            assert f(scores, alpha).tobytes() == f(scores, alpha, ones).tobytes()
+        for a in range(6):
+            assert (
+                m2n2.attraction(scores, a, alpha).tobytes()
+                == m2n2.attraction(scores, a, alpha, ones).tobytes()
+            )
+            assert (
+                m2n2.parent_b_probabilities(scores, a, alpha).tobytes()
+                == m2n2.parent_b_probabilities(scores, a, alpha, ones).tobytes()
+            )
+        assert m2n2.replace_index(scores, child, alpha) == m2n2.replace_index(
+            scores, child, alpha, ones
+        )
+        draws = [
+            m2n2.draw_parents(scores, np.random.default_rng(k), alpha, capacity)
+            for k in range(20)
+            for capacity in (None, ones)
+        ]
+        assert draws[0::2] == draws[1::2]

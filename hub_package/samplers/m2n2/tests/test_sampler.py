@@ -62,7 +62,10 @@ def test_seeds_then_children_with_params() -> None:
         assert trial.params["mix_ratio"] == plan["mix_ratio"]
         assert 0.0 <= trial.params["split_point"] < 1.0
     # One worker: the archive a trial drew from is the fold of every earlier trial.
-    assert [p["fold_position"] for p in plans(study)] == list(range(12))
+    for trial in trials[2:]:
+        members = refold(m2n2, trials[: trial.number], 4)[0]
+        assert set(sampler.parents(trial)) <= set(members)
+    assert all("fold_position" not in plan for plan in plans(study))  # written, never read
     archive = sampler.archive(study)
     slots, n_folded = refold(m2n2, trials, 4)
     assert archive.slots == slots and archive.n_folded == n_folded == 12
@@ -226,7 +229,7 @@ def test_running_trial_blocks_the_fold_until_failed() -> None:
     run(sampler, 4, study=study)
     archive = sampler.archive(study)
     assert archive.position == 2 and archive.members == [0, 1]
-    assert all(p["fold_position"] == 2 for p in plans(study)[2:])
+    assert all(set(p["parents"]) <= {0, 1} for p in plans(study)[2:])  # drawn from 0 and 1
     study._storage.set_trial_state_values(stuck._trial_id, TrialState.FAIL)
     archive = sampler.archive(study)
     assert archive.position == 7 and archive.n_folded == 6
@@ -315,3 +318,170 @@ def test_pickle_and_enqueued_params() -> None:
     run(sampler, 1, study=study)
     assert study.trials[-1].params["mix_ratio"] == 0.25
     assert sampler.archive(study).n_folded == 4
+
+
+def _fractional_objective(sampler: Any, n_examples: int) -> Callable[[optuna.Trial], float]:
+    """Scores in quarters, drawn from the trial's number and plan (ties and z = 0 columns)."""
+
+    def objective(trial: optuna.Trial) -> float:
+        parents = sampler.parents(trial)
+        mix_ratio = trial.suggest_float("mix_ratio", 0.0, 1.0)
+        trial.suggest_float("split_point", 0.0, 1.0)
+        key = [1, sampler.seed_index(trial)] if parents is None else [2, *parents]
+        rng = np.random.default_rng([trial.number, *key])
+        scores = np.floor(rng.random(n_examples) * (1.0 + 3.0 * mix_ratio)) / 4.0
+        sampler.set_scores(trial, np.minimum(scores, 1.0))
+        return float(scores.mean())
+
+    return objective
+
+
+#: (sampler arguments, trials, objective) -> sha256 of every plan, trial state and the final
+#: archive, as computed before the sampler's clean-up (issue 16): refactors must not change
+#: a seeded run. Plans are hashed without their former ``fold_position`` entry.
+PINNED_RUNS: list[tuple[dict[str, Any], int, str, str]] = [
+    (
+        {"archive_size": 4, "seed": 1},
+        40,
+        "toy",
+        "980e82d5d06c43e2fc5fcb78fbcd1b389620312e97aca21e67d4c849ceec1231",
+    ),
+    (
+        {"archive_size": 5, "alpha": 0.5, "use_attraction": False, "seed": 2},
+        40,
+        "toy",
+        "43263eaf7560905a672f6f9b07bef92ff6ad6ba5de61486ddaf6c7812fdf6c65",
+    ),
+    (
+        {"archive_size": 3, "n_seeds": 3, "use_split_point": False, "seed": 3},
+        40,
+        "frac",
+        "727ee4e2b4c4cf47f9374f270880cb83b74f0585c793601c466981397329bce8",
+    ),
+    (
+        {"archive_size": 6, "alpha": 2.0, "n_seeds": 4, "seed": 4},
+        60,
+        "frac",
+        "1786dfac4b8936b6398ff40be54a1470cc04f6736dfd8a346700474d6544770a",
+    ),
+    (
+        {"archive_size": 20, "seed": 5},
+        150,
+        "toy",
+        "c0fefd0c742f177ea300ac67eed2b797c6eb1e7fbf6c75bad0fd292f0ff51b2e",
+    ),
+]
+
+
+def _run_digest(kwargs: dict[str, Any], n_trials: int, kind: str) -> str:
+    import hashlib
+    import json
+
+    sampler = m2n2.M2N2Sampler(**kwargs)
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    if kind == "toy":
+        objective = toy_objective(sampler, fail_every=7, prune_every=11, n_examples=30)
+    else:
+        objective = _fractional_objective(sampler, 25)
+    study.optimize(objective, n_trials=n_trials, catch=(ToyFailure,))
+    archive = sampler.archive(study)
+    record = {
+        "plans": [
+            {k: v for k, v in t.system_attrs["m2n2:plan"].items() if k != "fold_position"}
+            for t in study.trials
+        ],
+        "states": [t.state.name for t in study.trials],
+        "slots": archive.slots,
+        "n_folded": archive.n_folded,
+        "scores": archive.scores.tobytes().hex(),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("kwargs, n_trials, kind, digest", PINNED_RUNS)
+def test_seeded_runs_are_pinned(
+    kwargs: dict[str, Any], n_trials: int, kind: str, digest: str
+) -> None:
+    assert _run_digest(kwargs, n_trials, kind) == digest
+
+
+# ----------------------------------------------------------------- capacity
+
+
+def test_capacity_weighs_the_archive_and_is_stored() -> None:
+    capacity = np.where(np.arange(12) < 3, 6.0, 0.5)  # three examples weigh 12x the others
+    sampler = m2n2.M2N2Sampler(archive_size=3, seed=7, capacity=capacity)
+    study = run(sampler, 40, fail_every=7, prune_every=11)
+    archive = sampler.archive(study)
+    assert archive.slots == refold(m2n2, study.trials, 3, capacity=capacity)[0]
+    assert archive.slots != refold(m2n2, study.trials, 3)[0]  # the weights matter here
+    np.testing.assert_array_equal(archive.capacity, capacity)
+    np.testing.assert_allclose(
+        archive.fitness(), m2n2.shared_fitness(archive.scores, 1.0, capacity)
+    )
+    child = np.ones(12)
+    assert archive.entry_slot(child) == m2n2.replace_index(
+        archive.slot_scores, child, 1.0, capacity
+    )
+    stored = study._storage.get_study_system_attrs(study._study_id)["m2n2:capacity"]
+    assert stored.startswith("f8:12:")
+    # Plans drawn with the capacity: parent A by the weighted shared fitness.
+    plan = study.trials[-1].system_attrs["m2n2:plan"]
+    assert plan["role"] == "child"
+
+
+def test_capacity_is_fixed_for_the_study() -> None:
+    storage = optuna.storages.InMemoryStorage()
+    capacity = np.linspace(0.5, 2.0, 12)
+    sampler = m2n2.M2N2Sampler(archive_size=3, seed=0, capacity=capacity)
+    study = optuna.create_study(storage=storage, sampler=sampler)
+    run(sampler, 4, study=study)
+    for other in (None, capacity[::-1], np.ones(12), capacity[:6]):
+        wrong = m2n2.M2N2Sampler(archive_size=3, capacity=other)
+        resumed = optuna.load_study(study_name=study.study_name, storage=storage, sampler=wrong)
+        with pytest.raises(ValueError, match="built with capacity 12 weights"):
+            wrong.archive(resumed)
+        with pytest.raises(ValueError, match="capacity"):
+            resumed.ask()
+    same = m2n2.M2N2Sampler(archive_size=3, seed=0, capacity=list(capacity))
+    resumed = optuna.load_study(study_name=study.study_name, storage=storage, sampler=same)
+    run(same, 4, study=resumed)
+    assert same.archive(resumed).n_folded == 8
+    # A study without capacity refuses one: its archive was built with every c_j = 1.
+    plain = run(m2n2.M2N2Sampler(archive_size=3, seed=0), 3)
+    with pytest.raises(ValueError, match=r"capacity None \(1 for every example\)"):
+        m2n2.M2N2Sampler(archive_size=3, capacity=capacity).archive(plain)
+
+
+def test_all_ones_capacity_is_no_capacity() -> None:
+    kwargs, n_trials, kind, digest = PINNED_RUNS[0]
+    assert _run_digest({**kwargs, "capacity": np.ones(30)}, n_trials, kind) == digest
+    sampler = m2n2.M2N2Sampler(archive_size=3, seed=0, capacity=[1.0] * 12)
+    study = run(sampler, 5)
+    assert "m2n2:capacity" not in study._storage.get_study_system_attrs(study._study_id)
+    assert sampler.archive(study).capacity is None
+
+
+@pytest.mark.parametrize(
+    "capacity, message",
+    [
+        ([1.0, 0.0], "finite and > 0, got 0.0 at index 1"),
+        ([1.0, -2.0], "finite and > 0, got -2.0 at index 1"),
+        ([np.nan, 1.0], "finite and > 0, got nan at index 0"),
+        ([np.inf], "finite and > 0, got inf"),
+        ([[1.0, 2.0]], "1-D vector"),
+        ([], "non-empty"),
+        (["a"], "must be numbers"),
+    ],
+)
+def test_invalid_capacity(capacity: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        m2n2.M2N2Sampler(capacity=capacity)
+
+
+def test_scores_must_match_the_capacity() -> None:
+    sampler = m2n2.M2N2Sampler(archive_size=3, seed=0, capacity=np.full(5, 2.0))
+    study = optuna.create_study(sampler=sampler)
+    trial = study.ask()
+    with pytest.raises(ValueError, match="capacity has 5"):
+        sampler.set_scores(trial, np.ones(4))
