@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save_file
 
 from m2n2_plugin.errors import M2N2Error
+from m2n2_plugin.layout import checkpoint_shapes
+from m2n2_plugin.layout import tensor_files
 
 # Keys of a mergekit config that carry into every m2n2 merge of the lineage.
 CARRIED_KEYS = ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
@@ -95,31 +96,6 @@ def seeds_from_mergekit(data: dict[str, Any], base_dir: Path) -> tuple[list[Seed
     return seeds, carried
 
 
-def tensor_files(path: Path) -> list[Path]:
-    """The safetensors files of a model folder (one file or an index of shards)."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / s for s in shards]
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    found = sorted(path.glob("*.safetensors"))
-    if not found:
-        raise M2N2Error(f"model {str(path)!r} has no safetensors weights")
-    return found
-
-
-def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes from the safetensors headers, without reading the weights."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in tensor_files(path) if path.is_dir() else [path]:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                shapes[k] = tuple(fh.get_slice(k).get_shape())
-    return shapes
-
-
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a model folder or of one safetensors file."""
     out: dict[str, torch.Tensor] = {}
@@ -137,14 +113,14 @@ def check_compatible(seeds: list[Seed]) -> dict[str, tuple[int, ...]]:
         if not cfg.is_file():
             raise M2N2Error(f"model {s.name!r} has no config.json")
         archs[s.name] = json.loads(cfg.read_text()).get("architectures")
-    shapes0 = tensor_shapes(first.path)
+    shapes0 = checkpoint_shapes(first.path)
     for s in seeds[1:]:
         if archs[s.name] != archs[first.name]:
             raise M2N2Error(
                 f"models {first.name!r} and {s.name!r} have different architectures "
                 f"({archs[first.name]} vs {archs[s.name]})"
             )
-        shapes = tensor_shapes(s.path)
+        shapes = checkpoint_shapes(s.path)
         missing = sorted(set(shapes0) ^ set(shapes))
         if missing:
             raise M2N2Error(
