@@ -43,6 +43,7 @@ from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.fitness import DocSet
 from m2n2_plugin.fitness import LmEvalFitness
 from m2n2_plugin.fitness import resolve_doc_ids
+from m2n2_plugin.layout import Architecture
 from m2n2_plugin.models import Seed
 from m2n2_plugin.models import check_compatible
 from m2n2_plugin.models import check_tokenizers
@@ -135,6 +136,9 @@ class Run:
     merge_dtype: torch.dtype | None
     out_dtype: torch.dtype | None
     timings: dict[int, TrialTiming] = field(default_factory=dict)
+    #: The model's architecture (tensor order, layers), built once by ``prepare``: every
+    #: merge of the run plans its pair of parents against it.
+    arch: Architecture | None = None
 
     # ----------------------------------------------------------------- archive helpers
     def trial_attrs(self, number: int) -> dict[str, Any]:
@@ -213,6 +217,7 @@ class Run:
                 granularity=self.cfg.search.granularity,
                 dtype=self.merge_dtype,
                 out_dtype=self.out_dtype,
+                arch=self.arch,
             )
             timing.merge = time.perf_counter() - t0
 
@@ -714,6 +719,7 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         lm=lm,
         merge_dtype=DTYPES.get(carried.get("dtype", "")),
         out_dtype=DTYPES.get(carried.get("out_dtype") or carried.get("dtype", "")),
+        arch=Architecture.for_config(hf_config),
     )
     return run
 
