@@ -1,38 +1,27 @@
 """Where each tensor sits in a model seen as one flat vector, and where a split falls.
 
-M2N2 cuts a model's parameters at ONE global index, so every merge path needs the same answer to
-"which tensors count, in which order, how big": the mergekit method (``mergekit-yaml``), the
-in-memory merge of two state dicts and the resident merge of ``m2n2 evolve``. This module
-computes it once from ``{name: shape}`` -- read from safetensors headers (:func:`read_header`,
-the package's one header reader), from a state dict, or through a mergekit model reference --
-and mergekit's architecture definition (:class:`Architecture`), in the order mergekit writes
-tensors: the pre-weights (embeddings), layers ``0 .. N-1``, the post-weights (final norm,
-``lm_head``), each layer's tensors in the definition's order, each tensor flattened row-major.
+M2N2 cuts a model's parameters at ONE global index, so every merge path (``mergekit-yaml``, two
+state dicts in memory, the resident merge of ``m2n2 evolve``) needs the same answer to "which
+tensors count, in which order, how big". It is computed here from ``{name: shape}`` (safetensors
+headers via :func:`m2n2_plugin.checkpoint.read_header`, a state dict, or a mergekit model
+reference) and mergekit's architecture (:class:`Architecture`, the costly part: build it once),
+in the order mergekit writes tensors: pre-weights (embeddings), layers ``0 .. N-1``,
+post-weights (final norm, ``lm_head``), each tensor flattened row-major. :func:`plan_pair`
+checks that two parents can be merged and returns the :class:`PairPlan`.
 
-:func:`plan_pair` checks that two parents can be merged (same tensors, same shapes) and returns
-the :class:`PairPlan`: parent A's :class:`ModelLayout` and the key of each counted tensor in
-each parent. The architecture is the costly part (mergekit builds it from the config); a caller
-that merges many pairs (``m2n2 evolve``) builds it once and passes it down.
-
-Counting rules, so that ``mergekit-yaml`` and the in-memory paths count the same parameters:
-
-* a tensor counts if mergekit writes it: weights of the architecture found in parent A under
-  their name or an alias; optional weights that are absent (a tied ``lm_head`` that
-  ``save_pretrained`` did not store) count zero times, so tied embeddings count once;
-* an optional weight with ``tied_names`` that the caller reports as tied (a config that ties
-  word embeddings, or a state dict whose ``lm_head`` shares storage with the embeddings) is not
-  counted; the plan maps it to its target;
-* tensors the architecture does not list (e.g. rotary buffers) are not merged and do not count;
-* if tokenizer alignment resizes a vocabulary tensor, its place is still counted with parent
-  A's shape and a split inside it falls at the same fraction of the resized tensor.
+Counting rules, so that every path counts the same parameters: a tensor counts if mergekit
+writes it (a weight of the architecture found in parent A under its name or an alias); an absent
+optional weight (a tied ``lm_head`` that ``save_pretrained`` did not store) and an optional weight
+reported as tied (a config that ties word embeddings, a state dict whose ``lm_head`` shares
+storage with the embeddings) do not count, so tied embeddings count once; tensors the
+architecture does not list (rotary buffers) do not count; a vocabulary tensor resized by
+tokenizer alignment is counted with parent A's shape, a split inside it at the same fraction.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 from collections import defaultdict
 from collections.abc import Callable
 from collections.abc import Collection
@@ -45,8 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
 
+from m2n2_plugin.checkpoint import checkpoint_shapes
 from m2n2_plugin.errors import M2N2ConfigError
-from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.kernel import check_granularity
 from m2n2_plugin.kernel import split_index
 
@@ -56,70 +45,6 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 Shapes = Mapping[str, tuple[int, ...]]
-#: A header larger than this is not a real safetensors header (the format caps it at 100 MB).
-_MAX_HEADER = 100_000_000
-
-
-# --------------------------------------------------------------------------------------------
-# Reading shapes: safetensors headers, never the weights.
-
-
-def tensor_files(path: Path) -> list[Path]:
-    """The safetensors files of a model folder (one file or an index of shards)."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / s for s in shards]
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    found = sorted(path.glob("*.safetensors"))
-    if not found:
-        raise M2N2Error(f"model {str(path)!r} has no safetensors weights")
-    return found
-
-
-def read_header(path: Path, fd: int | None = None) -> tuple[int, dict[str, Any]]:
-    """The safetensors header of ``path`` (read through ``fd`` if open) and where data starts.
-
-    The format: an 8-byte little-endian header length, then that many bytes of JSON mapping
-    each tensor name to its dtype, shape and byte range (plus an optional ``__metadata__``).
-    """
-    own = fd is None
-    try:
-        if own:
-            fd = os.open(path, os.O_RDONLY)
-        assert fd is not None
-        head = os.pread(fd, 8, 0)
-        if len(head) != 8:
-            raise M2N2Error(f"{path} is not a safetensors file (too short)")
-        (length,) = struct.unpack("<Q", head)
-        if length > _MAX_HEADER:
-            raise M2N2Error(f"{path} is not a safetensors file (header of {length} bytes)")
-        header = json.loads(os.pread(fd, length, 8))
-    except OSError as exc:
-        raise M2N2Error(f"cannot read {path} ({exc.strerror})") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise M2N2Error(f"{path} is not a safetensors file (bad header)") from exc
-    finally:
-        if own and fd is not None:
-            os.close(fd)
-    if not isinstance(header, dict):
-        raise M2N2Error(f"{path} is not a safetensors file (bad header)")
-    return 8 + length, header
-
-
-def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """``{name: shape}`` of a model folder or one safetensors file, from the headers only."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in tensor_files(path) if path.is_dir() else [path]:
-        _, header = read_header(file)
-        for name, info in header.items():
-            if name != "__metadata__":
-                shapes[name] = tuple(int(x) for x in info["shape"])
-    return shapes
-
-
 # --------------------------------------------------------------------------------------------
 # The flat vector.
 

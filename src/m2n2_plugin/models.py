@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save_file
 
+from m2n2_plugin.checkpoint import checkpoint_shapes
+from m2n2_plugin.checkpoint import tensor_files
 from m2n2_plugin.errors import M2N2Error
-from m2n2_plugin.layout import checkpoint_shapes
-from m2n2_plugin.layout import tensor_files
 
 # Keys of a mergekit config that carry into every m2n2 merge of the lineage.
 CARRIED_KEYS = ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")

@@ -43,24 +43,21 @@ one storage. Names are the checkpoint's (mergekit's) names, which are the model'
 
 from __future__ import annotations
 
-import math
 import os
-import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING
-from typing import Any
-from typing import Literal
 from typing import cast
 
 import torch
 
+from m2n2_plugin.checkpoint import IO
+from m2n2_plugin.checkpoint import Checkpoint
+from m2n2_plugin.checkpoint import plain_cpu
 from m2n2_plugin.errors import M2N2ConfigError
 from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.kernel import MERGEKIT_DOT_THRESHOLD
@@ -68,14 +65,11 @@ from m2n2_plugin.kernel import check_granularity
 from m2n2_plugin.kernel import check_unit_interval
 from m2n2_plugin.kernel import cosine
 from m2n2_plugin.kernel import split_slerp
-from m2n2_plugin.kernel import squared_norm
 from m2n2_plugin.layout import Architecture
 from m2n2_plugin.layout import ModelLayout
 from m2n2_plugin.layout import PairPlan
 from m2n2_plugin.layout import Parent
 from m2n2_plugin.layout import plan_pair
-from m2n2_plugin.layout import read_header
-from m2n2_plugin.layout import tensor_files
 from m2n2_plugin.models import save_tensors_atomic
 
 if TYPE_CHECKING:
@@ -92,242 +86,12 @@ __all__ = [
     "save_model_tensors",
 ]
 
-IO = Literal["read", "mmap"]
-
-# safetensors dtype codes (the format's spec) that torch can hold.
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
 # Child dtype -> model dtypes that hold every value of it exactly (cast there and back).
 _HOLDS_EXACTLY = {
     torch.float16: (torch.float32, torch.float64),
     torch.bfloat16: (torch.float32, torch.float64),
     torch.float32: (torch.float64,),
 }
-# Squared norms of parent tensors, per file version: (device, inode, size, mtime) -> {(tensor,
-# dtype read as): |x|^2}. Archive files are written once under a fresh name and never changed,
-# so a member merged again (it is a parent many times) needs only the <a, b> pass. The oldest
-# files' entries go first beyond _NORM_FILES (a few hundred floats per file).
-_NORM_CACHE: OrderedDict[tuple[int, ...], dict[tuple[str, torch.dtype], float]] = OrderedDict()
-_NORM_FILES = 256
-_NORM_LOCK = threading.Lock()
-
-
-# --------------------------------------------------------------------------------------------
-# Reading a checkpoint one tensor at a time.
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """Where one tensor's bytes are: file, absolute offset, size, and how to read them."""
-
-    file: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def _plain_cpu(tensor: torch.Tensor) -> bool:
-    return tensor.device.type == "cpu" and tensor.is_contiguous()
-
-
-def _byte_view(tensor: torch.Tensor) -> memoryview:
-    """A writable view of a contiguous CPU tensor's bytes (any dtype, bf16 included)."""
-    return tensor.detach().reshape(-1).view(torch.uint8).numpy().data
-
-
-class Checkpoint:
-    """The tensors of a model folder (one or sharded safetensors) or of one safetensors file.
-
-    Only the headers are read when it opens; :meth:`get` reads one tensor when asked. Use it as
-    a context manager: the files stay open (and, with ``io="mmap"``, mapped) until it closes.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        io: IO = "read",
-        scratch: dict[torch.dtype, torch.Tensor] | None = None,
-    ) -> None:
-        if io not in ("read", "mmap"):
-            raise ValueError(f"io must be 'read' or 'mmap', got {io!r}")
-        self.path = Path(path)
-        self.io = io
-        if self.path.is_dir():
-            self.files = tensor_files(self.path)
-        elif self.path.is_file():
-            self.files = [self.path]
-        else:
-            raise M2N2Error(f"model {str(self.path)!r} not found (no such file or folder)")
-        self.entries: dict[str, _Entry] = {}
-        # Every file is opened now: a file deleted later (an evicted archive member) stays
-        # readable through its open descriptor until this checkpoint closes.
-        self._fds: list[int] = []
-        self._versions: list[tuple[int, ...]] = []
-        self._mapped: dict[int, Any] = {}
-        # dtype -> byte buffer for ``reuse`` reads; the caller may lend one that outlives us.
-        self._scratch = {} if scratch is None else scratch
-        try:
-            for index, file in enumerate(self.files):
-                try:
-                    self._fds.append(os.open(file, os.O_RDONLY))
-                except OSError as exc:
-                    raise M2N2Error(f"cannot read {file} ({exc.strerror})") from exc
-                st = os.fstat(self._fds[index])
-                self._versions.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-                self._add_entries(index, file, *read_header(file, self._fds[index]))
-                if io == "mmap":
-                    self._safe_open(index)
-        except BaseException:
-            self.close()
-            raise
-
-    def _add_entries(
-        self, index: int, file: Path, data_start: int, header: Mapping[str, Any]
-    ) -> None:
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise M2N2Error(f"{file}: tensor {name!r} has unsupported dtype {info!r}")
-            if name in self.entries:
-                raise M2N2Error(f"{self.path}: tensor {name!r} is stored twice")
-            begin, end = (int(x) for x in info["data_offsets"])
-            shape = tuple(int(x) for x in info["shape"])
-            nbytes = math.prod(shape) * dtype.itemsize
-            if end - begin != nbytes:
-                raise M2N2Error(f"{file}: tensor {name!r} has a bad size in the header")
-            self.entries[name] = _Entry(index, dtype, shape, data_start + begin, nbytes)
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """``{name: shape}`` in the files' header order."""
-        return {name: entry.shape for name, entry in self.entries.items()}
-
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the files (unmapping them) and let go of the scratch buffers."""
-        while self._fds:
-            os.close(self._fds.pop())
-        self._mapped.clear()
-        self._scratch = {}  # a lent scratch stays with its owner
-
-    def _safe_open(self, file: int) -> Any:
-        handle = self._mapped.get(file)
-        if handle is None:
-            from safetensors import safe_open
-
-            handle = safe_open(str(self.files[file]), framework="pt")
-            self._mapped[file] = handle
-        return handle
-
-    def _read_into(self, entry: _Entry, dest: torch.Tensor) -> None:
-        """Copy the stored bytes into ``dest`` (contiguous, CPU, the stored dtype)."""
-        if entry.nbytes == 0:
-            return
-        fd = self._fds[entry.file]
-        view = _byte_view(dest)
-        done = 0
-        while done < entry.nbytes:
-            count = os.preadv(fd, [view[done:]], entry.start + done)
-            if count <= 0:
-                raise M2N2Error(f"{self.files[entry.file]} is truncated")
-            done += count
-
-    def _raw(self, name: str, entry: _Entry, reuse: bool) -> torch.Tensor:
-        """The tensor as stored; with ``reuse`` it lives in this checkpoint's scratch buffer
-        (valid until the next ``reuse`` read), so that reading many tensors allocates once."""
-        if self.io == "mmap":
-            return self._safe_open(entry.file).get_tensor(name)
-        if not reuse:
-            dest = torch.empty(entry.shape, dtype=entry.dtype)
-        else:
-            storage = self._scratch.get(entry.dtype)
-            if storage is None or storage.numel() < entry.numel:
-                size = max(e.numel for e in self.entries.values() if e.dtype == entry.dtype)
-                storage = self._scratch[entry.dtype] = torch.empty(size, dtype=entry.dtype)
-            dest = storage[: entry.numel].view(entry.shape)
-        self._read_into(entry, dest)
-        return dest
-
-    def get(
-        self,
-        name: str,
-        *,
-        dtype: torch.dtype | None = None,
-        out: torch.Tensor | None = None,
-        reuse: bool = False,
-    ) -> torch.Tensor:
-        """Tensor ``name``, cast to ``dtype`` if given.
-
-        With ``out`` the value is written into ``out`` (cast to its dtype) and ``out`` returned;
-        when ``out`` already has the stored dtype the bytes are read straight into it. Without
-        ``out``, with ``reuse`` it may live in a scratch buffer that the next ``reuse`` read
-        overwrites.
-        """
-        entry = self.entries.get(name)
-        if entry is None:
-            raise M2N2Error(f"{self.path} has no tensor {name!r}")
-        target = dtype or entry.dtype
-        if out is not None:
-            if tuple(out.shape) != entry.shape:
-                raise M2N2Error(
-                    f"tensor {name!r} is {entry.shape} in {self.path} but {tuple(out.shape)} "
-                    "in the model"
-                )
-            if self.io == "read" and out.dtype == entry.dtype == target and _plain_cpu(out):
-                self._read_into(entry, out)
-                return out
-        raw = self._raw(name, entry, reuse=reuse or out is not None)
-        value = raw if raw.dtype == target else raw.to(target)
-        if out is None:
-            return value
-        out.copy_(value)
-        return out
-
-    def squared_norm(self, name: str, value: torch.Tensor) -> float:
-        """``kernel.squared_norm(value)`` for ``value`` = tensor ``name`` as read from this
-        checkpoint (in ``value``'s dtype), remembered for this version of the file."""
-        version = self._versions[self.entries[name].file]
-        key = (name, value.dtype)
-        with _NORM_LOCK:
-            known = _NORM_CACHE.get(version, {}).get(key)
-        if known is not None:
-            return known
-        norm = squared_norm(value)
-        with _NORM_LOCK:
-            _NORM_CACHE.setdefault(version, {})[key] = norm
-            _NORM_CACHE.move_to_end(version)
-            while len(_NORM_CACHE) > _NORM_FILES:
-                _NORM_CACHE.popitem(last=False)
-        return norm
 
 
 def _plan(arch: Architecture, a: Checkpoint, b: Checkpoint) -> PairPlan:
@@ -396,7 +160,7 @@ def _merge_tensor(
     written = out_dtype or work
     local = layout.local_split(name, split, entry_a.numel)
     source_a, source_b = plan.sources_a[name], plan.sources_b[name]
-    lean = dest is not None and dest.dtype == work == written and _plain_cpu(dest)
+    lean = dest is not None and dest.dtype == work == written and plain_cpu(dest)
     if lean and a.io == "read" and entry_a.dtype == work:
         parent_a = a.get(source_a, out=dest)  # the kernel then computes the child over it
     else:
