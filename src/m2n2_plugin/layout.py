@@ -346,6 +346,18 @@ def reference_parent(reference: Any, label: str) -> Parent:
     )
 
 
+def plan_references(base: Any, other: Any) -> ModelLayout:
+    """Parent A's layout for a merge of two mergekit references, after checking the pair.
+
+    Vocabulary tensors may differ along the token axis: mergekit's tokenizer alignment
+    (``tokenizer_source``) resizes them before they are merged.
+    """
+    arch = reference_architecture(base, (base, other))
+    a = reference_parent(base, f"parent A ({base})")
+    b = reference_parent(other, f"parent B ({other})")
+    return plan_pair(arch, a, b, allow_vocabulary=True).layout
+
+
 def layout_for_model(reference: Any, *, others: Sequence[Any] = ()) -> ModelLayout:
     """The layout of a checkpoint given as a mergekit ``ModelReference``."""
     arch = reference_architecture(reference, others)

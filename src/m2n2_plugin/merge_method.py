@@ -60,8 +60,7 @@ from m2n2_plugin.kernel import split_slerp
 from m2n2_plugin.layout import Architecture
 from m2n2_plugin.layout import ModelLayout
 from m2n2_plugin.layout import plan_pair
-from m2n2_plugin.layout import reference_architecture
-from m2n2_plugin.layout import reference_parent
+from m2n2_plugin.layout import plan_references
 from m2n2_plugin.layout import state_dict_parent
 
 if TYPE_CHECKING:
@@ -148,10 +147,10 @@ _PLANNED_PAIRS = 16
 class M2N2MergeMethod(FunctionalGroupMergeMethod):
     """mergekit's group method plus the up-front checks M2N2 needs.
 
-    mergekit calls ``validate_inputs`` while planning: once per output slice (ids = the slice's
-    models) and once per output tensor (``group_name`` = its name). The slice call checks the
-    pair and plans its layout (re-read every merge, so a rewritten model folder is never merged
-    with a stale layout); the kernel then looks it up by the pair's ids.
+    mergekit calls ``validate_inputs`` while planning, once per output slice (ids = its models)
+    and once per output tensor (``group_name``). The slice call checks the pair and plans its
+    layout anew (a rewritten model folder is never merged with a stale one); the kernel then
+    looks it up by the pair's ids.
     """
 
     def __init__(self, spec: Any, implementation: Callable[..., torch.Tensor]) -> None:
@@ -181,10 +180,7 @@ class M2N2MergeMethod(FunctionalGroupMergeMethod):
                 "the merge needs the models' layout: merge checkpoints with mergekit-yaml / "
                 "run_merge, or state dicts with m2n2_plugin.merge_method.m2n2_merge_state_dicts"
             )
-        arch = reference_architecture(base_id, (base_id, other_id))
-        a = reference_parent(base_id, f"parent A ({base_id})")
-        b = reference_parent(other_id, f"parent B ({other_id})")
-        layout = plan_pair(arch, a, b, allow_vocabulary=True).layout
+        layout = plan_references(base_id, other_id)
         with self._lock:
             self._layouts[(base_id, other_id)] = layout
             while len(self._layouts) > _PLANNED_PAIRS:
@@ -299,11 +295,8 @@ _REGISTER_LOCK = threading.Lock()
 
 
 def register() -> MergeMethod:
-    """Register ``m2n2`` with mergekit; idempotent, returns the registered method.
-
-    A second call (or a second copy of this module, e.g. after ``importlib.reload``) finds the
-    name taken and leaves mergekit's registry alone: mergekit raises on duplicate names.
-    """
+    """Register ``m2n2`` with mergekit; idempotent (mergekit raises on a duplicate name, so a
+    second call, or a reloaded copy of this module, leaves the registry alone)."""
     from mergekit.merge_methods import register as mergekit_register
 
     with _REGISTER_LOCK:
