@@ -132,7 +132,7 @@ def worker(mode: str, a: Path, b: Path, children: int, threads: int) -> dict[str
     from transformers import AutoConfig
     from transformers import AutoModelForCausalLM
 
-    from m2n2_plugin import resident as resident_module
+    from m2n2_plugin import checkpoint as checkpoint_module
     from m2n2_plugin.merge_method import m2n2_merge_state_dicts
     from m2n2_plugin.models import read_tensors
     from m2n2_plugin.resident import load_checkpoint_into_model
@@ -160,7 +160,7 @@ def worker(mode: str, a: Path, b: Path, children: int, threads: int) -> dict[str
     def resident(mix_ratio: float, split_point: float) -> Any:
         io = "mmap" if mode == "resident-mmap" else "read"
         if mode == "resident-uncached":
-            resident_module._NORM_CACHE.clear()
+            checkpoint_module._NORM_CACHE.clear()
         return merge_into_model(model, a, b, mix_ratio=mix_ratio, split_point=split_point, io=io)
 
     make = naive if mode == "naive" else resident

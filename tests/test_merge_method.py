@@ -25,14 +25,14 @@ from tiny_models import numpy_m2n2
 from tiny_models import random_tiny_llama
 from tiny_models import tiny_llama_config
 
+from m2n2_plugin.errors import M2N2ConfigError
 from m2n2_plugin.errors import M2N2Error
-from m2n2_plugin.merge_method import M2N2ConfigError
-from m2n2_plugin.merge_method import ModelLayout
-from m2n2_plugin.merge_method import architecture_tensor_names
-from m2n2_plugin.merge_method import layout_for_state_dict
+from m2n2_plugin.layout import ModelLayout
+from m2n2_plugin.layout import architecture_tensor_names
+from m2n2_plugin.layout import layout_for_state_dict
+from m2n2_plugin.layout import tensor_layout
 from m2n2_plugin.merge_method import m2n2_merge_method
 from m2n2_plugin.merge_method import m2n2_merge_state_dicts
-from m2n2_plugin.merge_method import tensor_layout
 
 LAYERS = 3
 

@@ -23,9 +23,10 @@ from tiny_models import make_tiny_llama
 from tiny_models import mergekit_yaml_executable
 from tiny_models import tiny_llama_config
 
+from m2n2_plugin import layout
 from m2n2_plugin import resident
+from m2n2_plugin.errors import M2N2ConfigError
 from m2n2_plugin.errors import M2N2Error
-from m2n2_plugin.merge_method import M2N2ConfigError
 from m2n2_plugin.merge_method import m2n2_merge_state_dicts
 from m2n2_plugin.models import read_tensors
 from m2n2_plugin.resident import Checkpoint
@@ -219,13 +220,14 @@ def test_parent_a_read_straight_into_the_model(
     else:
         pytest.fail("no padding aligns the tensors")
     in_place: list[bool] = []
-    kernel = resident._split_slerp_into
+    kernel = resident.split_slerp
 
-    def spy(x: torch.Tensor, y: torch.Tensor, *rest: object) -> None:
-        in_place.append(x.data_ptr() == rest[-1].data_ptr())  # type: ignore[attr-defined]
-        kernel(x, y, *rest)  # type: ignore[arg-type]
+    def spy(x: torch.Tensor, y: torch.Tensor, *rest: object, **kw: object) -> torch.Tensor:
+        out = kw.get("out")
+        in_place.append(out is not None and x.data_ptr() == out.data_ptr())  # type: ignore[attr-defined]
+        return kernel(x, y, *rest, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(resident, "_split_slerp_into", spy)
+    monkeypatch.setattr(resident, "split_slerp", spy)
     model = resident_model(a, torch.float32)
     merge_into_model(model, aligned, b, mix_ratio=0.35, split_point=0.55, keep_buffers=False)
     assert_model_holds(model, reference(aligned, b, model.config, 0.35, 0.55))
@@ -262,23 +264,23 @@ def test_seed_load_and_save(models: dict[str, Path], tmp_path: Path) -> None:
     assert_model_holds(model, expected)
 
 
-def test_layout_is_cached_per_pair_of_shapes(
+def test_architecture_is_built_once_when_passed_down(
     models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    original = resident._architecture_segments
+    original = layout.architecture_segments
     monkeypatch.setattr(
-        resident,
-        "_architecture_segments",
+        layout,
+        "architecture_segments",
         lambda *args: calls.append(1) or original(*args),
     )
-    monkeypatch.setattr(resident, "_PLANS", type(resident._PLANS)())
     a, b = models["untied-float32-1"], models["untied-float32-2"]
     model = resident_model(a, torch.float32)
+    arch = layout.Architecture.for_config(model.config)
     for split_point in (0.1, 0.5, 0.9):
-        merge_into_model(model, a, b, mix_ratio=0.5, split_point=split_point)
-        merge_into_model(model, b, a, mix_ratio=0.5, split_point=split_point)
-    assert len(calls) == 1  # both orders have the same shapes
+        merge_into_model(model, a, b, mix_ratio=0.5, split_point=split_point, arch=arch)
+        merge_into_model(model, b, a, mix_ratio=0.5, split_point=split_point, arch=arch)
+    assert len(calls) == 1  # the caller's one Architecture serves every pair
 
 
 def test_errors_come_before_any_write(models: dict[str, Path]) -> None:

@@ -164,7 +164,7 @@ class Scorer:
 
     def scores(self, folder: Path, which: str = "heldout") -> dict:
         """``{"means": ..., "docs": [one score per document]}``, cached per file version."""
-        from m2n2_plugin.models import tensor_files
+        from m2n2_plugin.checkpoint import tensor_files
         from m2n2_plugin.resident import load_checkpoint_into_model
 
         stamp = [(str(f.resolve()), f.stat().st_mtime_ns) for f in tensor_files(folder)]
@@ -328,8 +328,8 @@ def main() -> None:
     if args.models != "models" or tuple(args.pair) != PAIR or args.fitness_docs:
         use(args.models, tuple(args.pair), args.fitness_docs)
     if args.score:
+        from m2n2_plugin.checkpoint import tensor_files
         from m2n2_plugin.errors import M2N2Error
-        from m2n2_plugin.models import tensor_files
 
         for folder in args.score:  # before the model loads: a wrong path fails at once
             try:

@@ -20,15 +20,12 @@ import json
 import logging
 import os
 import random
-import re
-import shutil
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
-from datetime import datetime
-from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +33,7 @@ import numpy as np
 import optuna
 import torch
 
+from m2n2_plugin.checkpoint import checkpoint_shapes
 from m2n2_plugin.config import EvolveConfig
 from m2n2_plugin.config import load_config
 from m2n2_plugin.config import load_yaml
@@ -43,11 +41,19 @@ from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.fitness import DocSet
 from m2n2_plugin.fitness import LmEvalFitness
 from m2n2_plugin.fitness import resolve_doc_ids
+from m2n2_plugin.layout import Architecture
 from m2n2_plugin.models import Seed
 from m2n2_plugin.models import check_compatible
 from m2n2_plugin.models import check_tokenizers
 from m2n2_plugin.models import seeds_from_mergekit
-from m2n2_plugin.models import tensor_shapes
+from m2n2_plugin.report import Settings
+from m2n2_plugin.report import write_outputs
+from m2n2_plugin.workers import MemberEvicted
+from m2n2_plugin.workers import fail_dead_trials
+from m2n2_plugin.workers import fold_up_to
+from m2n2_plugin.workers import member_file
+from m2n2_plugin.workers import sync_files
+from m2n2_plugin.workers import write_outputs_locked
 
 LOG = logging.getLogger("m2n2")
 
@@ -57,22 +63,6 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
-
-
-#: Seconds a child waits for lower-numbered trials (Run.admit) before a warning is logged.
-ADMIT_WARNING_S = 60.0
-#: ``trial_000012.safetensors`` (a member's file) and ``.tmp-trial_000012-*.safetensors`` (the
-#: temp file of a write in progress, or left by a killed one: models.save_tensors_atomic).
-_ARCHIVE_FILE = re.compile(r"(?P<temp>\.tmp-)?trial_(?P<number>\d+)(?(temp)-.+)\.safetensors")
-
-
-class MemberEvicted(M2N2Error):
-    """A parent's file was deleted because it left the archive before this trial read it.
-
-    With several workers another one may evict a member (and delete its file) between the
-    moment a trial draws it as a parent and the moment it reads it; ``sync_files`` keeps the
-    parents of running trials, so this is a rare race. The trial fails and the run goes on.
-    """
 
 
 def checked_scores(number: int, scores: Any, n: int) -> np.ndarray:
@@ -112,11 +102,6 @@ def write_error(path: Path, exc: OSError) -> M2N2Error:
     )
 
 
-def member_file(out: Path, number: int) -> Path:
-    """Where the archive member made by trial ``number`` is stored."""
-    return out / "archive" / f"trial_{number:06d}.safetensors"
-
-
 @dataclass
 class TrialTiming:
     """Seconds spent per phase of one trial (also stored in the trial's user attrs)."""
@@ -149,6 +134,9 @@ class Run:
     merge_dtype: torch.dtype | None
     out_dtype: torch.dtype | None
     timings: dict[int, TrialTiming] = field(default_factory=dict)
+    #: The model's architecture (tensor order, layers), built once by ``prepare``: every
+    #: merge of the run plans its pair of parents against it.
+    arch: Architecture | None = None
 
     # ----------------------------------------------------------------- archive helpers
     def trial_attrs(self, number: int) -> dict[str, Any]:
@@ -188,7 +176,7 @@ class Run:
                 continue
             path = member_file(self.out, number)
             try:
-                tensor_shapes(path)
+                checkpoint_shapes(path)
             except M2N2Error as exc:
                 if number not in self.sampler.archive(self.study).members:
                     continue  # another worker evicted it (and deleted its file) meanwhile
@@ -250,6 +238,7 @@ class Run:
                 granularity=self.cfg.search.granularity,
                 dtype=self.merge_dtype,
                 out_dtype=self.out_dtype,
+                arch=self.arch,
             )
             timing.merge = time.perf_counter() - t0
 
@@ -309,32 +298,13 @@ class Run:
         return self.fold_up_to(trial).entry_slot(scores) is not None
 
     def fold_up_to(self, trial: optuna.Trial) -> Any:
-        """The archive this trial will be folded into: wait until every lower trial is done.
-
-        Polls the storage; dead workers' trials are failed by heartbeat meanwhile (a warning
-        is logged after ``ADMIT_WARNING_S`` seconds, e.g. when the heartbeat is off).
-        """
-        pause, start, warned = 0.005, time.monotonic(), False
-        while True:
-            arch = self.sampler.archive(self.study)
-            if arch.position >= trial.number:
-                return arch
-            fail_dead_trials(self.study)  # no-op without a heartbeat
-            waited = time.monotonic() - start
-            if waited > ADMIT_WARNING_S and not warned:
-                warned = True
-                how = (
-                    "it is marked FAIL once its heartbeat is stale"
-                    if self.cfg.search.heartbeat_interval
-                    else "mark it FAIL (or set search.heartbeat_interval)"
-                )
-                LOG.warning(
-                    f"trial {trial.number} has waited {waited:.0f} s for trial {arch.position} "
-                    "to finish before it can tell whether to keep its weights; if the worker "
-                    f"running trial {arch.position} died, {how}"
-                )
-            time.sleep(pause)
-            pause = min(2 * pause, 0.5)
+        """The archive this trial will be folded into (:func:`workers.fold_up_to`)."""
+        return fold_up_to(
+            self.study,
+            self.sampler,
+            trial.number,
+            heartbeat=bool(self.cfg.search.heartbeat_interval),
+        )
 
     def score_or_reject(self, trial: optuna.Trial) -> np.ndarray:
         """Score a child chunk by chunk; prune it as soon as it provably cannot enter.
@@ -387,50 +357,60 @@ class Run:
 
     # ----------------------------------------------------------------- bookkeeping
     def sync_files(self) -> Any:
-        """Delete files of trials that left (or never entered) the archive; return it.
+        """Delete archive files nobody needs any more (:func:`workers.sync_files`)."""
+        return sync_files(self.study, self.sampler, self.out)
 
-        Only trials the fold has passed are touched: every trial below ``position`` has
-        finished, so no worker is writing their files, while a file (or ``.tmp-`` file) being
-        written for a running trial is never deleted. That also removes what a killed worker
-        left once its trial is failed: the file of a child saved just before the kill, and
-        the temp file of a write cut short. An evicted member that a running trial drew as a
-        parent keeps its file until that trial has finished.
-        """
-        arch = self.sampler.archive(self.study)
-        keep = set(arch.members) | self._running_parents(arch.position)
-        folder = self.out / "archive"
-        if folder.is_dir():
-            for f in folder.iterdir():
-                match = _ARCHIVE_FILE.fullmatch(f.name)
-                if match is None:
-                    continue
-                number = int(match["number"])
-                temp = match["temp"] is not None
-                if number < arch.position and (temp or number not in keep):
-                    f.unlink(missing_ok=True)
-        return arch
+    def write_outputs(self) -> dict[str, Any]:
+        """The report (:func:`report.write_outputs`) of this run's final archive."""
+        trials = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        settings = Settings(
+            study_name=self.study.study_name,
+            archive_size=self.cfg.search.archive_size,
+            tasks=self.cfg.fitness.tasks,
+            metric=self.cfg.fitness.metric,
+            granularity=self.cfg.search.granularity,
+            n_fitness_docs=len(self.fitness_docs),
+            heldout_tasks=list(self.heldout_docs.ids),
+            n_heldout_docs=len(self.heldout_docs),
+            carried=self.carried,
+        )
+        return write_outputs(
+            self.out,
+            self.sampler.archive(self.study),
+            trials,
+            self.seeds,
+            settings,
+            heldout=self.heldout,
+            save_model=self.save_member,
+        )
 
-    def _running_parents(self, position: int) -> set[int]:
-        """Parents drawn by the trials the fold has not passed: they may still read them.
+    def heldout(self, best: int) -> dict[str, dict[str, float]]:
+        """Held-out task means of the best member and of every seed ({} without documents)."""
+        if not len(self.heldout_docs):
+            return {}
+        scores = {
+            "M2N2 best": self.heldout_scores(partial(self.load_member, best), f"trial:{best}")
+        }
+        for i, s in enumerate(self.seeds):
+            scores[f"seed {s.name}"] = self.heldout_scores(partial(self.load_seed, i), f"seed:{i}")
+        return scores
 
-        A trial without a plan yet will draw from an archive folded at least up to
-        ``position``, where members evicted before ``position`` are gone.
-        """
-        storage, study_id = self.study._storage, self.study._study_id
-        parents: set[int] = set()
-        number = position
-        while True:
-            try:
-                trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
-            except KeyError:
-                return parents
-            frozen = storage.get_trial(trial_id)
-            if not frozen.state.is_finished():
-                try:
-                    parents.update(self.sampler.parents(frozen) or ())
-                except ValueError:  # not planned yet
-                    pass
-            number += 1
+    def heldout_scores(self, load: Callable[[], None], key: str) -> dict[str, float]:
+        """Mean held-out score per task of the model ``load()`` puts in place (cached under
+        ``key`` in the study, so a resumed run does not evaluate it again)."""
+        cache = dict(self.study.user_attrs.get("m2n2.heldout", {}))
+        if key not in cache:
+            load()
+            scores = self.fitness.score(self.lm, self.heldout_docs)
+            cache[key] = self.heldout_docs.task_means(scores)
+            self.study.set_user_attr("m2n2.heldout", cache)
+        return cache[key]
+
+    def save_member(self, number: int, folder: Path) -> None:
+        """Write archive member ``number`` as a Hugging Face model folder."""
+        self.load_member(number)
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
 
 
 def _fingerprint(cfg: EvolveConfig, seeds: list[Seed], fitness: DocSet) -> dict[str, Any]:
@@ -480,51 +460,6 @@ def _rdb_storage(url: str, heartbeat_interval: int | None) -> optuna.storages.RD
                 raise
             time.sleep(0.1 * (attempt + 1) + 0.1 * random.random())
     raise AssertionError("unreachable")
-
-
-def fail_dead_trials(study: optuna.Study) -> None:
-    """Mark the trials of dead workers FAIL: Optuna's stale-heartbeat check, and one more case.
-
-    Optuna only fails a RUNNING trial whose heartbeat row has gone stale. A worker killed in
-    the moment between creating its trial (``study.ask``) and its heartbeat thread's first
-    write leaves a RUNNING trial with no row at all; Optuna never fails it, and every other
-    worker's fold would wait on it forever. Such a trial is failed once it started more than
-    the grace period ago: a live worker writes its first heartbeat within milliseconds. Start
-    times are the workers' clocks, so workers on several machines need clocks that agree to
-    well within the grace period (twice ``search.heartbeat_interval``).
-    """
-    from optuna.storages._rdb.models import TrialHeartbeatModel
-    from sqlalchemy import select
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    rdb = getattr(study._storage, "_backend", study._storage)  # under Optuna's cache layer
-    if not isinstance(rdb, optuna.storages.RDBStorage) or rdb.heartbeat_interval is None:
-        return
-    grace = timedelta(seconds=rdb.grace_period or 2 * rdb.heartbeat_interval)
-    now = datetime.now()
-    old = {
-        t._trial_id: t
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        if t.datetime_start is not None and now - t.datetime_start > grace
-    }
-    if not old:
-        return
-    query = select(TrialHeartbeatModel.trial_id).where(TrialHeartbeatModel.trial_id.in_(old))
-    with rdb.engine.connect() as conn:
-        beating = set(conn.execute(query).scalars())
-    for trial_id in old.keys() - beating:
-        try:
-            study._storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # it finished (or another worker failed it) meanwhile
-        else:
-            LOG.warning(
-                f"trial {old[trial_id].number} never sent a heartbeat and started "
-                f"{(now - old[trial_id].datetime_start).total_seconds():.0f} s ago: "
-                "marked FAIL (its worker died)"
-            )
 
 
 def _open_study(cfg: EvolveConfig, out: Path, sampler: Any) -> optuna.Study:
@@ -597,37 +532,6 @@ class _OneLineErrors(logging.Filter):
             self._next = None
             return False
         return True
-
-
-def _write_outputs_locked(run: Run) -> None:
-    """``write_outputs``, one worker at a time, retried if an eviction races its reads.
-
-    Workers sharing an output folder finish at different times and each writes the outputs.
-    An exclusive ``flock`` on ``<out>/.outputs.lock`` serialises them (the kernel drops it
-    when its holder dies, so a kill -9 never leaves it held); the holder first removes what a
-    killed writer left (``.best-tmp-*``, ``.best-old``). Another worker may still evict the
-    best member and delete its file mid-write: then the outputs are written again.
-    """
-    from m2n2_plugin.report import write_outputs
-
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock (one worker per output folder)
-        fcntl = None  # type: ignore[assignment]
-    with (run.out / ".outputs.lock").open("a") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        for left in [*run.out.glob(".best-tmp-*"), run.out / ".best-old"]:
-            shutil.rmtree(left, ignore_errors=True)
-        for attempt in range(3):
-            try:
-                write_outputs(run)
-                return
-            except MemberEvicted:
-                if attempt == 2:
-                    raise
-            except OSError as exc:  # best/ is written beside the old one, then swapped in
-                raise write_error(Path(exc.filename or run.out), exc) from exc
 
 
 def load_fitness(cfg: EvolveConfig) -> tuple[LmEvalFitness, DocSet, DocSet]:
@@ -757,6 +661,7 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         lm=lm,
         merge_dtype=DTYPES.get(carried.get("dtype", "")),
         out_dtype=DTYPES.get(carried.get("out_dtype") or carried.get("dtype", "")),
+        arch=Architecture.for_config(hf_config),
     )
     return run
 
@@ -866,5 +771,8 @@ def evolve(
     finally:
         bar.close()
     run.sync_files()
-    _write_outputs_locked(run)
+    try:
+        write_outputs_locked(run.out, run.write_outputs)
+    except OSError as exc:  # best/ is written beside the old one, then swapped in
+        raise write_error(Path(exc.filename or run.out), exc) from exc
     return run

@@ -32,12 +32,42 @@ from collections.abc import Iterable
 
 import torch
 
+from m2n2_plugin.errors import M2N2ConfigError
+
 #: Below this ``sin(Omega)`` the official code uses linear interpolation.
 MIN_SIN_OMEGA = 1e-6
 #: mergekit's ``slerp`` lerps when ``|cos Omega|`` exceeds this.
 MERGEKIT_DOT_THRESHOLD = 0.9995
 #: Norms at or below this are not divided out (mergekit's rule): a zero tensor keeps cos = 0.
 NORM_EPS = 1e-8
+
+
+#: Where the split may fall: anywhere (``element``, the paper) or on a layer boundary.
+GRANULARITIES = ("element", "layer")
+
+
+def check_unit_interval(name: str, value: object) -> float:
+    """``value`` as a float in [0, 1], else a one-line :class:`M2N2ConfigError`.
+
+    The one check of ``mix_ratio`` and ``split_point``, whoever takes them (the mergekit
+    parameter validators, the resident merge, the kernel). NaN, booleans and non-numbers fail.
+    """
+    number = math.nan
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if not 0.0 <= number <= 1.0:
+        raise M2N2ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
+    return number
+
+
+def check_granularity(value: object) -> str:
+    """``value`` if it is a granularity m2n2 knows, else a one-line :class:`M2N2ConfigError`."""
+    if value not in GRANULARITIES:
+        raise M2N2ConfigError(f"granularity must be 'element' or 'layer', got {value!r}")
+    return str(value)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,8 +81,7 @@ def split_index(split_point: float, n: int) -> int:
     ``floor(split_point * n)``: a split point drawn from U[0, 1) gives the official code's
     ``UniformInt{0, ..., n-1}``; ``split_point = 1`` puts every element before the split.
     """
-    if not 0.0 <= split_point <= 1.0 or math.isnan(split_point):
-        raise ValueError(f"split_point must be in [0, 1], got {split_point!r}")
+    split_point = check_unit_interval("split_point", split_point)
     return min(n, int(math.floor(split_point * n)))
 
 
@@ -157,6 +186,13 @@ def global_cosine(
     return _cosine_from_sums(aa, bb, ab, eps=eps)
 
 
+def _is_linear(cos: float, dot_threshold: float | None) -> bool:
+    """Whether SLERP falls back to linear interpolation for this angle (see below)."""
+    if dot_threshold is not None:
+        return abs(cos) > dot_threshold
+    return math.sin(math.acos(min(1.0, max(-1.0, cos)))) <= MIN_SIN_OMEGA
+
+
 def slerp_coefficients(
     t: float, cos: float, dot_threshold: float | None = None
 ) -> tuple[float, float]:
@@ -165,14 +201,10 @@ def slerp_coefficients(
     Linear ``(1 - t, t)`` where SLERP is undefined: ``sin Omega <= 1e-6`` (official rule) when
     ``dot_threshold`` is None, else ``|cos| > dot_threshold`` (mergekit's rule).
     """
+    if _is_linear(cos, dot_threshold):
+        return 1.0 - t, t
     omega = math.acos(min(1.0, max(-1.0, cos)))
     sin_omega = math.sin(omega)
-    if dot_threshold is None:
-        linear = sin_omega <= MIN_SIN_OMEGA
-    else:
-        linear = abs(cos) > dot_threshold
-    if linear:
-        return 1.0 - t, t
     return math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega
 
 
@@ -180,19 +212,19 @@ def split_slerp(
     a: torch.Tensor,
     b: torch.Tensor,
     mix_ratio: float,
-    split_at: int,
+    split: int,
     *,
     cos: float | None = None,
     dot_threshold: float | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Split-point SLERP of parent A (``a``) and parent B (``b``).
+    """Split-point SLERP of parent A (``a``) and parent B (``b``): the one crossover.
 
     Args:
         a, b: same shape and dtype, floating point. Flattened in row-major order.
-        mix_ratio: ``w`` in [0, 1]; ``t = w`` (weight on B) for flat indices ``< split_at``,
-            ``t = 1 - w`` from ``split_at`` on.
-        split_at: split index into the flattened tensor; values outside ``[0, numel]`` are
+        mix_ratio: ``w`` in [0, 1]; ``t = w`` (weight on B) for flat indices ``< split``,
+            ``t = 1 - w`` from ``split`` on.
+        split: split index into the flattened tensor; values outside ``[0, numel]`` are
             clamped, which is how a tensor that lies wholly before or after a model-wide split
             point is handled (pass ``global_split - tensor_offset``).
         cos: the cosine of the angle to use. None: the angle between ``a`` and ``b``
@@ -200,23 +232,38 @@ def split_slerp(
             single angle over all parameters.
         dot_threshold: None for the official fallback (``sin Omega <= 1e-6``); a float for
             mergekit's (``|cos| > dot_threshold``).
-        out: optional tensor of ``a``'s shape and dtype to write the child into (e.g. a
-            resident model's parameter), saving one allocation.
+        out: tensor of ``a``'s shape to write the child into (e.g. a resident model's
+            parameter). When it has ``a``'s dtype and that is the compute dtype, the child is
+            computed straight into it (no temporary, no extra pass): ``out`` may then be ``a``
+            itself (each element is read before it is written) but never ``b``. Otherwise the
+            child is computed in a temporary and cast into ``out``.
+
+    Parents that are equal and whose angle takes the linear fallback give parent A bit for
+    bit: SLERP of a vector with itself is that vector, but ``(1 - t) x + t x`` can be an ulp
+    off in float32.
 
     Returns:
-        The child, with ``a``'s shape and dtype.
+        The child: ``out``, or a new tensor with ``a``'s shape and dtype.
     """
     _check_pair(a, b)
-    if not 0.0 <= mix_ratio <= 1.0 or math.isnan(mix_ratio):
-        raise ValueError(f"mix_ratio must be in [0, 1], got {mix_ratio!r}")
+    mix_ratio = check_unit_interval("mix_ratio", mix_ratio)
+    if out is not None and out.shape != a.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(a.shape)}")
     if cos is None:
         cos = cosine(a, b)
+    if _is_linear(cos, dot_threshold) and torch.equal(a, b):
+        if out is None:
+            return a.clone()
+        if out.data_ptr() != a.data_ptr():
+            out.copy_(a)
+        return out
     n = a.numel()
-    s = min(max(int(split_at), 0), n)
+    s = min(max(int(split), 0), n)
     work = compute_dtype(a.dtype)
+    direct = out is not None and out.dtype == a.dtype == work and out.is_contiguous()
+    result = out.view(-1) if direct else torch.empty(n, dtype=work, device=a.device)
     x = a.reshape(-1)
     y = b.reshape(-1)
-    result = torch.empty(n, dtype=work, device=a.device)
     for lo, hi, t in ((0, s, mix_ratio), (s, n, 1.0 - mix_ratio)):
         if hi <= lo:
             continue
@@ -224,9 +271,8 @@ def split_slerp(
         part = result[lo:hi]
         torch.mul(x[lo:hi].to(work), coef_a, out=part)
         part.add_(y[lo:hi].to(work), alpha=coef_b)
-    if out is not None:
-        if out.shape != a.shape:
-            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(a.shape)}")
+    if out is None:
+        return result.view(a.shape).to(a.dtype)
+    if not direct:
         out.copy_(result.view(a.shape))
-        return out
-    return result.view(a.shape).to(a.dtype)
+    return out

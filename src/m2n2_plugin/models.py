@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save_file
 
+from m2n2_plugin.checkpoint import checkpoint_shapes
+from m2n2_plugin.checkpoint import tensor_files
 from m2n2_plugin.errors import M2N2Error
 
 # Keys of a mergekit config that carry into every m2n2 merge of the lineage.
@@ -96,40 +97,6 @@ def seeds_from_mergekit(data: dict[str, Any], base_dir: Path) -> tuple[list[Seed
     return seeds, carried
 
 
-def tensor_files(path: Path) -> list[Path]:
-    """The safetensors files of a model folder (one file or an index of shards)."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-            raise M2N2Error(f"{index} is damaged (not a safetensors index: {exc})") from exc
-        return [path / s for s in shards]
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    found = sorted(path.glob("*.safetensors"))
-    if not found:
-        raise M2N2Error(f"model {str(path)!r} has no safetensors weights")
-    return found
-
-
-def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes from the safetensors headers, without reading the weights."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in tensor_files(path) if path.is_dir() else [path]:
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
-                    shapes[k] = tuple(fh.get_slice(k).get_shape())
-        except FileNotFoundError as exc:
-            raise M2N2Error(f"{f} is missing") from exc
-        except Exception as exc:  # safetensors' SafetensorError: truncated, not safetensors
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise M2N2Error(f"{f} is damaged ({msg})") from exc
-    return shapes
-
-
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a model folder or of one safetensors file."""
     out: dict[str, torch.Tensor] = {}
@@ -155,7 +122,7 @@ def check_compatible(seeds: list[Seed]) -> dict[str, tuple[int, ...]]:
             raise M2N2Error(f"model {s.name!r}: {cfg} is not a JSON object")
         archs[s.name] = hf_config.get("architectures")
         try:
-            shapes_of[s.name] = tensor_shapes(s.path)
+            shapes_of[s.name] = checkpoint_shapes(s.path)
         except M2N2Error as exc:
             raise M2N2Error(f"model {s.name!r}: {exc}") from exc
     shapes0 = shapes_of[first.name]

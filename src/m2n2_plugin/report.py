@@ -7,7 +7,9 @@
   --out-path rebuilt``);
 * ``<out>/plots/fitness.png`` and ``<out>/plots/coverage.png``; ``<out>/summary.json``.
 
-Held-out scores are cached in the study (user attrs), so a resumed run does not re-evaluate.
+It takes plain data -- the archive, the trials, the seeds, the output folder and a
+:class:`Settings` -- plus two callables for what needs the resident model (evaluating held-out
+scores, saving the best model), so it never sees ``evolve.Run`` (no import cycle).
 """
 
 from __future__ import annotations
@@ -17,25 +19,38 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from functools import partial
+from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
-from typing import TYPE_CHECKING
 from typing import Any
 
 import numpy as np
 import yaml
 
-if TYPE_CHECKING:
-    from m2n2_plugin.evolve import Run
+from m2n2_plugin.models import CARRIED_KEYS
+from m2n2_plugin.models import Seed
 
 
-def _trial(run: Run, number: int) -> Any:
-    storage = run.study._storage
-    tid = storage.get_trial_id_from_study_id_trial_number(run.study._study_id, number)
-    return storage.get_trial(tid)
+@dataclass(frozen=True)
+class Settings:
+    """What the report says about the run (names and numbers, no live objects)."""
+
+    study_name: str
+    archive_size: int
+    tasks: Sequence[str]
+    metric: str
+    granularity: str
+    n_fitness_docs: int
+    heldout_tasks: Sequence[str] = ()
+    n_heldout_docs: int = 0
+    carried: Mapping[str, Any] = field(default_factory=dict)
 
 
-def lineage_docs(run: Run, number: int) -> list[dict[str, Any]]:
+def lineage_docs(
+    trials: Mapping[int, Any], seeds: Sequence[Seed], settings: Settings, number: int
+) -> list[dict[str, Any]]:
     """mergekit-multi documents that rebuild trial ``number``'s model from the seeds.
 
     Ancestors come first (each merge once, however often it is reused); the last document is
@@ -49,10 +64,10 @@ def lineage_docs(run: Run, number: int) -> list[dict[str, Any]]:
         if n in ref:
             stack.pop()
             continue
-        trial = _trial(run, n)
+        trial = trials[n]
         attrs = trial.user_attrs
         if "m2n2.seed" in attrs:
-            ref[n] = str(run.seeds[int(attrs["m2n2.seed"])].path)
+            ref[n] = str(seeds[int(attrs["m2n2.seed"])].path)
             stack.pop()
             continue
         a, b = attrs["m2n2.parents"]
@@ -64,8 +79,8 @@ def lineage_docs(run: Run, number: int) -> list[dict[str, Any]]:
             "mix_ratio": float(trial.params["mix_ratio"]),
             "split_point": float(trial.params["split_point"]),
         }
-        if run.cfg.search.granularity != "element":
-            params["granularity"] = run.cfg.search.granularity
+        if settings.granularity != "element":
+            params["granularity"] = settings.granularity
         doc: dict[str, Any] = {
             "name": f"trial_{n:06d}",
             "merge_method": "m2n2",
@@ -73,9 +88,9 @@ def lineage_docs(run: Run, number: int) -> list[dict[str, Any]]:
             "models": [{"model": ref[a]}, {"model": ref[b]}],
             "parameters": params,
         }
-        for key in ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template"):
-            if key in run.carried:
-                doc[key] = run.carried[key]
+        for key in CARRIED_KEYS:
+            if key in settings.carried:
+                doc[key] = settings.carried[key]
         docs[n] = doc
         ref[n] = doc["name"]
         stack.pop()
@@ -85,11 +100,10 @@ def lineage_docs(run: Run, number: int) -> list[dict[str, Any]]:
     return ordered
 
 
-def write_lineage(run: Run, number: int, path: Path) -> int:
+def write_lineage(docs: list[dict[str, Any]], study_name: str, number: int, path: Path) -> int:
     """Write the lineage YAML; returns the number of merges in it."""
-    docs = lineage_docs(run, number)
     header = (
-        f"# Lineage of trial {number} of study {run.study.study_name!r}: every m2n2 merge from\n"
+        f"# Lineage of trial {number} of study {study_name!r}: every m2n2 merge from\n"
         "# the seed models. Rebuild with:\n"
         "#   mergekit-multi lineage.yml --intermediate-dir work --out-path rebuilt\n"
     )
@@ -98,20 +112,6 @@ def write_lineage(run: Run, number: int, path: Path) -> int:
     body = yaml.safe_dump_all(docs, sort_keys=False) if docs else ""
     path.write_text(header + body)
     return len(docs)
-
-
-def heldout_scores(run: Run, load: Callable[[], None], key: str) -> dict[str, float]:
-    """Mean held-out score per task of the model ``load()`` puts in place (cached under
-    ``key`` in the study, so a resumed run does not evaluate it again)."""
-    if not len(run.heldout_docs):
-        return {}
-    cache = dict(run.study.user_attrs.get("m2n2.heldout", {}))
-    if key not in cache:
-        load()
-        scores = run.fitness.score(run.lm, run.heldout_docs)
-        cache[key] = run.heldout_docs.task_means(scores)
-        run.study.set_user_attr("m2n2.heldout", cache)
-    return cache[key]
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -127,20 +127,25 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def _model_card(
-    run: Run, best: int, fitness: float, heldout: dict[str, dict[str, float]], n_merges: int
+    settings: Settings,
+    seeds: Sequence[Seed],
+    best: int,
+    fitness: float,
+    heldout: dict[str, dict[str, float]],
+    n_merges: int,
 ) -> str:
-    seeds = "\n".join(f"- `{s.name}`" for s in run.seeds)
+    seed_list = "\n".join(f"- `{s.name}`" for s in seeds)
+    cols = [*settings.heldout_tasks, "mean"]
     rows = "\n".join(
-        f"| {who} | " + " | ".join(f"{v[t]:.4f}" for t in [*run.heldout_docs.ids, "mean"]) + " |"
+        f"| {who} | " + " | ".join(f"{v[t]:.4f}" for t in cols) + " |"
         for who, v in heldout.items()
     )
-    cols = [*run.heldout_docs.ids, "mean"]
     table = (
         "| model | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n" + rows
         if heldout
         else "No held-out documents were configured."
     )
-    n_docs = len(run.heldout_docs)
+    n_docs = settings.n_heldout_docs
     return f"""---
 library_name: transformers
 tags:
@@ -148,21 +153,21 @@ tags:
 - mergekit
 - m2n2
 ---
-# M2N2 merge (trial {best} of study `{run.study.study_name}`)
+# M2N2 merge (trial {best} of study `{settings.study_name}`)
 
 Evolved with M2N2 (Model Merging of Natural Niches): split-point SLERP merges of an archive of
-{run.cfg.search.archive_size} models under resource competition, scored per document with
-lm-eval ({", ".join(run.cfg.fitness.tasks)}, metric `{run.cfg.fitness.metric}`).
+{settings.archive_size} models under resource competition, scored per document with
+lm-eval ({", ".join(settings.tasks)}, metric `{settings.metric}`).
 
 ## Seeds
-{seeds}
+{seed_list}
 
 ## Lineage
 {n_merges} `m2n2` merge(s) from the seeds; `lineage.yml` rebuilds this model with
 `mergekit-multi lineage.yml --intermediate-dir work --out-path rebuilt`.
 
 ## Scores
-Mean fitness score ({len(run.fitness_docs)} fitness documents): {fitness:.4f}
+Mean fitness score ({settings.n_fitness_docs} fitness documents): {fitness:.4f}
 
 Held-out documents ({n_docs}, never used for selection):
 
@@ -170,13 +175,13 @@ Held-out documents ({n_docs}, never used for selection):
 """
 
 
-def _plots(run: Run, arch: Any) -> None:
+def _plots(out: Path, arch: Any) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    hist_path = run.out / "history.jsonl"
+    hist_path = out / "history.jsonl"
     rows = (
         [json.loads(line) for line in hist_path.read_text().splitlines()]
         if hist_path.is_file()
@@ -186,7 +191,7 @@ def _plots(run: Run, arch: Any) -> None:
     for r in rows:  # a resumed run may repeat a trial's line; keep the last
         last[r["trial"]] = r
     rows = [last[k] for k in sorted(last)]
-    plots = run.out / "plots"
+    plots = out / "plots"
     plots.mkdir(exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4))
     if rows:
@@ -223,31 +228,40 @@ def _plots(run: Run, arch: Any) -> None:
     plt.close(fig)
 
 
-def write_outputs(run: Run) -> dict[str, Any]:
-    """Write best model, lineage, model card, plots and summary; returns the summary."""
-    arch = run.sampler.archive(run.study)
-    summary: dict[str, Any] = {"output_dir": str(run.out), "archive": arch.members}
-    _plots(run, arch)
-    if not arch.members:
-        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+def write_outputs(
+    out: Path,
+    archive: Any,
+    trials: Mapping[int, Any],
+    seeds: Sequence[Seed],
+    settings: Settings,
+    *,
+    heldout: Callable[[int], dict[str, dict[str, float]]],
+    save_model: Callable[[int, Path], None],
+) -> dict[str, Any]:
+    """Write best model, lineage, model card, plots and summary; returns the summary.
+
+    ``archive``: the sampler's final archive; ``trials``: the study's trials by number.
+    ``heldout(best)``: held-out task means per model ("M2N2 best", each seed), ``{}`` without
+    held-out documents; ``save_model(best, folder)``: writes the best member as a Hugging Face
+    model folder (config, tokenizer, weights).
+    """
+    summary: dict[str, Any] = {"output_dir": str(out), "archive": archive.members}
+    _plots(out, archive)
+    if not archive.members:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-    means = arch.mean_scores
-    best = arch.best()
-    heldout: dict[str, dict[str, float]] = {}
-    if len(run.heldout_docs):
-        heldout["M2N2 best"] = heldout_scores(run, lambda: run.load_member(best), f"trial:{best}")
-        for i, s in enumerate(run.seeds):
-            heldout[f"seed {s.name}"] = heldout_scores(run, partial(run.load_seed, i), f"seed:{i}")
-    tmp = Path(tempfile.mkdtemp(prefix=".best-tmp-", dir=run.out))
+    means = archive.mean_scores
+    best = archive.best()
+    scores = heldout(best)
+    tmp = Path(tempfile.mkdtemp(prefix=".best-tmp-", dir=out))
     try:
-        run.load_member(best)
-        run.model.save_pretrained(tmp, safe_serialization=True)
-        run.tokenizer.save_pretrained(tmp)
-        n_merges = write_lineage(run, best, tmp / "lineage.yml")
+        save_model(best, tmp)
+        docs = lineage_docs(trials, seeds, settings, best)
+        n_merges = write_lineage(docs, settings.study_name, best, tmp / "lineage.yml")
         (tmp / "README.md").write_text(
-            _model_card(run, best, float(means.max()), heldout, n_merges)
+            _model_card(settings, seeds, best, float(means.max()), scores, n_merges)
         )
-        _replace_dir(tmp, run.out / "best")
+        _replace_dir(tmp, out / "best")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -255,10 +269,10 @@ def write_outputs(run: Run) -> dict[str, Any]:
         {
             "best_trial": best,
             "best_fitness": float(means.max()),
-            "coverage": float(arch.scores.max(axis=0).mean()),
-            "heldout": heldout,
+            "coverage": float(archive.scores.max(axis=0).mean()),
+            "heldout": scores,
             "n_merges_in_lineage": n_merges,
         }
     )
-    (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

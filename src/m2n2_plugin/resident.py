@@ -17,19 +17,20 @@ parents (two models) by the end of a merge, and each page costs a page fault. A 
 copies from the page cache into memory we own and leaves nothing mapped. ``io="mmap"`` keeps the
 ``safe_open`` route for comparison (``benchmarks/bench_resident.py`` measures both).
 
-Bit-identical to mergekit needs one more care: the kernel's dot products (the SLERP angle) go
-through BLAS, whose last bits depend on where the data sits in memory (its address modulo 16 or
-64 bytes), and mergekit reads tensors memory-mapped, i.e. at the alignment they have in the file.
-So a tensor is read to an address with the file offset's alignment (modulo 64 bytes), exactly
-where a memory map would have put it; a cast tensor is a fresh allocation, as it is in mergekit.
+Where a tensor lands in memory does not matter to the bits: the kernel's angle is summed
+elementwise-then-in-float64 over fixed blocks (:func:`m2n2_plugin.kernel.squared_norm`), which
+was checked to give the same bits at every 4-byte address offset modulo 64, so buffers are
+plain allocations (an earlier version placed tensors at their file offset's alignment, as a
+memory map would, because ``torch.dot`` then went through BLAS).
 
 The child is exactly what mergekit's ``m2n2`` writes for the same parents, ``mix_ratio``,
 ``split_point`` and ``granularity`` (``mergekit-yaml``, or in memory
 :func:`m2n2_plugin.merge_method.m2n2_merge_state_dicts`):
 
 * the layout (which tensors count, in which order, aliases, a tied ``lm_head`` counted once)
-  is built by the same code from the files' headers, and cached per pair of parent shapes;
-* each tensor gets the same local split and the same per-tensor crossover;
+  is planned by the same code (:func:`m2n2_plugin.layout.plan_pair`) from the files' headers;
+  the architecture, the costly part, is built once per run by the caller and passed in;
+* each tensor gets the same local split and the same kernel call;
 * dtypes follow mergekit: ``dtype`` (mergekit's ``dtype``) is what both parents are cast to
   before merging, else the two are promoted per tensor (``torch.promote_types``); ``out_dtype``
   (mergekit's ``out_dtype``) is what the result is cast to; then it is cast to the model's
@@ -42,45 +43,34 @@ one storage. Names are the checkpoint's (mergekit's) names, which are the model'
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import struct
-import threading
 import weakref
-from collections import OrderedDict
-from collections.abc import Hashable
 from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING
-from typing import Any
-from typing import Literal
 from typing import cast
 
 import torch
 
+from m2n2_plugin.checkpoint import IO
+from m2n2_plugin.checkpoint import Checkpoint
+from m2n2_plugin.checkpoint import plain_cpu
+from m2n2_plugin.errors import M2N2ConfigError
 from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.kernel import MERGEKIT_DOT_THRESHOLD
-from m2n2_plugin.kernel import compute_dtype
+from m2n2_plugin.kernel import check_granularity
+from m2n2_plugin.kernel import check_unit_interval
 from m2n2_plugin.kernel import cosine
-from m2n2_plugin.kernel import slerp_coefficients
 from m2n2_plugin.kernel import split_slerp
-from m2n2_plugin.kernel import squared_norm
-from m2n2_plugin.merge_method import M2N2ConfigError
-from m2n2_plugin.merge_method import ModelLayout
-from m2n2_plugin.merge_method import _architecture_for_config
-from m2n2_plugin.merge_method import _architecture_segments
-from m2n2_plugin.merge_method import _build_layout
-from m2n2_plugin.merge_method import _compare_layouts
-from m2n2_plugin.merge_method import _resolve_slots
-from m2n2_plugin.merge_method import _ties_embeddings
-from m2n2_plugin.merge_method import m2n2_crossover
+from m2n2_plugin.layout import Architecture
+from m2n2_plugin.layout import ModelLayout
+from m2n2_plugin.layout import PairPlan
+from m2n2_plugin.layout import Parent
+from m2n2_plugin.layout import plan_pair
 from m2n2_plugin.models import save_tensors_atomic
-from m2n2_plugin.models import tensor_files
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -96,344 +86,19 @@ __all__ = [
     "save_model_tensors",
 ]
 
-IO = Literal["read", "mmap"]
-
-# safetensors dtype codes (the format's spec) that torch can hold.
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-# Tensors are placed at their file offset's alignment modulo this (see the module docs).
-_ALIGN = 64
-# A header larger than this is not a real safetensors header (the format caps it at 100 MB).
-_MAX_HEADER = 100_000_000
 # Child dtype -> model dtypes that hold every value of it exactly (cast there and back).
 _HOLDS_EXACTLY = {
     torch.float16: (torch.float32, torch.float64),
     torch.bfloat16: (torch.float32, torch.float64),
     torch.float32: (torch.float64,),
 }
-# Squared norms of parent tensors, per file version: (device, inode, size, mtime) -> {(tensor,
-# dtype read as): |x|^2}. Archive files are written once under a fresh name and never changed,
-# so a member merged again (it is a parent many times) needs only the <a, b> pass. The oldest
-# files' entries go first beyond _NORM_FILES (a few hundred floats per file).
-_NORM_CACHE: OrderedDict[tuple[int, ...], dict[tuple[str, torch.dtype], float]] = OrderedDict()
-_NORM_FILES = 256
-_NORM_LOCK = threading.Lock()
 
 
-# --------------------------------------------------------------------------------------------
-# Reading a checkpoint one tensor at a time.
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """Where one tensor's bytes are: file, absolute offset, size, and how to read them."""
-
-    file: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def _read_header(path: Path, fd: int) -> tuple[int, dict[str, Any]]:
-    """The safetensors header of ``path`` (open as ``fd``) and where its data starts."""
-    try:
-        head = os.pread(fd, 8, 0)
-        if len(head) != 8:
-            raise M2N2Error(f"{path} is not a safetensors file (too short)")
-        (length,) = struct.unpack("<Q", head)
-        if length > _MAX_HEADER:
-            raise M2N2Error(f"{path} is not a safetensors file (header of {length} bytes)")
-        header = json.loads(os.pread(fd, length, 8))
-    except OSError as exc:
-        raise M2N2Error(f"cannot read {path} ({exc.strerror})") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise M2N2Error(f"{path} is not a safetensors file (bad header)") from exc
-    if not isinstance(header, dict):
-        raise M2N2Error(f"{path} is not a safetensors file (bad header)")
-    return 8 + length, header
-
-
-def _plain_cpu(tensor: torch.Tensor) -> bool:
-    return tensor.device.type == "cpu" and tensor.is_contiguous()
-
-
-def _byte_view(tensor: torch.Tensor) -> memoryview:
-    """A writable view of a contiguous CPU tensor's bytes (any dtype, bf16 included)."""
-    return tensor.detach().reshape(-1).view(torch.uint8).numpy().data
-
-
-class Checkpoint:
-    """The tensors of a model folder (one or sharded safetensors) or of one safetensors file.
-
-    Only the headers are read when it opens; :meth:`get` reads one tensor when asked. Use it as
-    a context manager: the files stay open (and, with ``io="mmap"``, mapped) until it closes.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        io: IO = "read",
-        scratch: dict[torch.dtype, torch.Tensor] | None = None,
-    ) -> None:
-        if io not in ("read", "mmap"):
-            raise ValueError(f"io must be 'read' or 'mmap', got {io!r}")
-        self.path = Path(path)
-        self.io = io
-        if self.path.is_dir():
-            self.files = tensor_files(self.path)
-        elif self.path.is_file():
-            self.files = [self.path]
-        else:
-            raise M2N2Error(f"model {str(self.path)!r} not found (no such file or folder)")
-        self.entries: dict[str, _Entry] = {}
-        # Every file is opened now: a file deleted later (an evicted archive member) stays
-        # readable through its open descriptor until this checkpoint closes.
-        self._fds: list[int] = []
-        self._versions: list[tuple[int, ...]] = []
-        self._mapped: dict[int, Any] = {}
-        # dtype -> byte buffer for ``reuse`` reads; the caller may lend one that outlives us.
-        self._scratch = {} if scratch is None else scratch
-        try:
-            for index, file in enumerate(self.files):
-                try:
-                    self._fds.append(os.open(file, os.O_RDONLY))
-                except OSError as exc:
-                    raise M2N2Error(f"cannot read {file} ({exc.strerror})") from exc
-                st = os.fstat(self._fds[index])
-                self._versions.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-                self._add_entries(index, file, *_read_header(file, self._fds[index]))
-                if io == "mmap":
-                    self._safe_open(index)
-        except BaseException:
-            self.close()
-            raise
-
-    def _add_entries(
-        self, index: int, file: Path, data_start: int, header: Mapping[str, Any]
-    ) -> None:
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise M2N2Error(f"{file}: tensor {name!r} has unsupported dtype {info!r}")
-            if name in self.entries:
-                raise M2N2Error(f"{self.path}: tensor {name!r} is stored twice")
-            begin, end = (int(x) for x in info["data_offsets"])
-            shape = tuple(int(x) for x in info["shape"])
-            nbytes = math.prod(shape) * dtype.itemsize
-            if end - begin != nbytes:
-                raise M2N2Error(f"{file}: tensor {name!r} has a bad size in the header")
-            self.entries[name] = _Entry(index, dtype, shape, data_start + begin, nbytes)
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """``{name: shape}`` in the files' header order."""
-        return {name: entry.shape for name, entry in self.entries.items()}
-
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the files (unmapping them) and let go of the scratch buffers."""
-        while self._fds:
-            os.close(self._fds.pop())
-        self._mapped.clear()
-        self._scratch = {}  # a lent scratch stays with its owner
-
-    def _safe_open(self, file: int) -> Any:
-        handle = self._mapped.get(file)
-        if handle is None:
-            from safetensors import safe_open
-
-            handle = safe_open(str(self.files[file]), framework="pt")
-            self._mapped[file] = handle
-        return handle
-
-    def _read_into(self, entry: _Entry, dest: torch.Tensor) -> None:
-        """Copy the stored bytes into ``dest`` (contiguous, CPU, the stored dtype)."""
-        if entry.nbytes == 0:
-            return
-        fd = self._fds[entry.file]
-        view = _byte_view(dest)
-        done = 0
-        while done < entry.nbytes:
-            count = os.preadv(fd, [view[done:]], entry.start + done)
-            if count <= 0:
-                raise M2N2Error(f"{self.files[entry.file]} is truncated")
-            done += count
-
-    def _raw(self, name: str, entry: _Entry, reuse: bool) -> torch.Tensor:
-        """The tensor as stored, at the address alignment a memory map would give it.
-
-        With ``reuse`` it lives in this checkpoint's scratch buffer (valid until the next
-        ``reuse`` read), so that reading many tensors allocates once.
-        """
-        if self.io == "mmap":
-            return self._safe_open(entry.file).get_tensor(name)
-        storage = self._scratch.get(entry.dtype) if reuse else None
-        if storage is None or storage.numel() < entry.nbytes + _ALIGN:
-            size = entry.nbytes
-            if reuse:
-                size = max(e.nbytes for e in self.entries.values() if e.dtype == entry.dtype)
-            storage = torch.empty(size + _ALIGN, dtype=torch.uint8)
-            if reuse:
-                self._scratch[entry.dtype] = storage
-        shift = (entry.start - storage.data_ptr()) % _ALIGN
-        if shift % entry.dtype.itemsize:  # an odd file offset: no view can sit there
-            dest = torch.empty(entry.shape, dtype=entry.dtype)
-        else:
-            dest = storage[shift : shift + entry.nbytes].view(entry.dtype).view(entry.shape)
-        self._read_into(entry, dest)
-        return dest
-
-    def get(
-        self,
-        name: str,
-        *,
-        dtype: torch.dtype | None = None,
-        out: torch.Tensor | None = None,
-        reuse: bool = False,
-    ) -> torch.Tensor:
-        """Tensor ``name``, cast to ``dtype`` if given.
-
-        With ``out`` the value is written into ``out`` (cast to its dtype) and ``out`` returned;
-        when ``out`` already has the stored dtype the bytes are read straight into it. Without
-        ``out``, the tensor sits at its file offset's alignment (see the module docs); with
-        ``reuse`` it may live in a scratch buffer that the next ``reuse`` read overwrites.
-        """
-        entry = self.entries.get(name)
-        if entry is None:
-            raise M2N2Error(f"{self.path} has no tensor {name!r}")
-        target = dtype or entry.dtype
-        if out is not None:
-            if tuple(out.shape) != entry.shape:
-                raise M2N2Error(
-                    f"tensor {name!r} is {entry.shape} in {self.path} but {tuple(out.shape)} "
-                    "in the model"
-                )
-            if self.io == "read" and out.dtype == entry.dtype == target and _plain_cpu(out):
-                self._read_into(entry, out)
-                return out
-        raw = self._raw(name, entry, reuse=reuse or out is not None)
-        value = raw if raw.dtype == target else raw.to(target)
-        if out is None:
-            return value
-        out.copy_(value)
-        return out
-
-    def squared_norm(self, name: str, value: torch.Tensor) -> float:
-        """``kernel.squared_norm(value)`` for ``value`` = tensor ``name`` as read from this
-        checkpoint (in ``value``'s dtype), remembered for this version of the file."""
-        version = self._versions[self.entries[name].file]
-        key = (name, value.dtype)
-        with _NORM_LOCK:
-            known = _NORM_CACHE.get(version, {}).get(key)
-        if known is not None:
-            return known
-        norm = squared_norm(value)
-        with _NORM_LOCK:
-            _NORM_CACHE.setdefault(version, {})[key] = norm
-            _NORM_CACHE.move_to_end(version)
-            while len(_NORM_CACHE) > _NORM_FILES:
-                _NORM_CACHE.popitem(last=False)
-        return norm
-
-
-# --------------------------------------------------------------------------------------------
-# The pair's layout: mergekit's, from the headers; cached per pair of parent shapes.
-
-
-@dataclass(frozen=True)
-class _PairPlan:
-    """Parent A's layout and, per counted tensor (mergekit's name), its key in each file."""
-
-    layout: ModelLayout
-    sources_a: Mapping[str, str]
-    sources_b: Mapping[str, str]
-    tied: Mapping[str, str]  # tied weight -> the weight it is tied to (mergekit's names)
-
-
-_PLANS: OrderedDict[Hashable, tuple[Any, _PairPlan]] = OrderedDict()
-_PLANS_LOCK = threading.Lock()
-_PLANS_MAX = 16
-
-
-def _pair_plan(config: PretrainedConfig, a: Checkpoint, b: Checkpoint) -> _PairPlan:
-    """The layout of parent A checked against B, as mergekit's ``m2n2`` builds it.
-
-    Cached per (config, A's names and shapes, B's names and shapes): in an evolve run every
-    pair of parents has the same shapes, so the architecture is matched once per process.
-
-    Tied weights follow :func:`m2n2_merge_state_dicts`: with a config that ties word
-    embeddings, an optional tied weight (``lm_head``) is not counted even if a file stores it.
-    """
-    key = (id(config), tuple(a.shapes.items()), tuple(b.shapes.items()))
-    with _PLANS_LOCK:
-        hit = _PLANS.get(key)
-        if hit is not None and hit[0] is config:
-            _PLANS.move_to_end(key)
-            return hit[1]
-    segments = _architecture_segments(_architecture_for_config(config), config)
-    ties = _ties_embeddings(config)
-    slots_a, tied = _resolve_slots(segments, a.entries, lambda weight, target: ties)
-    slots_b, _ = _resolve_slots(segments, b.entries, lambda weight, target: ties)
-    for ckpt, slots, label in ((a, slots_a, "parent A"), (b, slots_b, "parent B")):
-        missing = [slot.name for slot in slots if slot.source is None]
-        if missing:
-            raise M2N2ConfigError(
-                f"{label} ({ckpt.path}) has no tensor {missing[0]} under its name or an alias "
-                f"({len(missing)} such tensors)"
-            )
-    layout = _build_layout(
-        segments, slots_a, {s.name: a.entries[str(s.source)].shape for s in slots_a}
+def _plan(arch: Architecture, a: Checkpoint, b: Checkpoint) -> PairPlan:
+    """The pair's plan from the headers (cheap: the architecture is already built)."""
+    return plan_pair(
+        arch, Parent(f"parent A ({a.path})", a.shapes), Parent(f"parent B ({b.path})", b.shapes)
     )
-    layout_b = _build_layout(
-        segments, slots_b, {s.name: b.entries[str(s.source)].shape for s in slots_b}
-    )
-    _compare_layouts(
-        layout,
-        layout_b,
-        f"parent A ({a.path})",
-        f"parent B ({b.path})",
-        allow_vocabulary=False,
-    )
-    plan = _PairPlan(
-        layout=layout,
-        sources_a={s.name: str(s.source) for s in slots_a},
-        sources_b={s.name: str(s.source) for s in slots_b},
-        tied=tied,
-    )
-    with _PLANS_LOCK:
-        _PLANS[key] = (config, plan)
-        while len(_PLANS) > _PLANS_MAX:
-            _PLANS.popitem(last=False)
-    return plan
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,73 +133,17 @@ class ResidentChild:
         return list(self.dtypes)
 
 
-def _check_ratio(mix_ratio: float) -> None:
-    if not 0.0 <= mix_ratio <= 1.0:  # also false for NaN
-        raise M2N2ConfigError(f"mix_ratio must be a number in [0, 1], got {mix_ratio!r}")
+_DOT = MERGEKIT_DOT_THRESHOLD
 
 
 def _storage(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
-def _split_slerp_into(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    mix_ratio: float,
-    split_at: int,
-    cos: float,
-    out: torch.Tensor,
-) -> None:
-    """:func:`split_slerp`'s two element-wise steps per part, written straight into ``out``.
-
-    For ``a``, ``b`` and ``out`` of one dtype that the kernel computes in (float32, float64):
-    the kernel would compute the same two operations into a fresh buffer and copy it into
-    ``out``, one more pass over the tensor and, for the largest tensors, fresh pages faulted
-    in on every merge. ``out`` may be ``a`` (element-wise, each element is read before it is
-    written), never ``b``. test_resident.py checks the bits against the kernel's.
-    """
-    n = a.numel()
-    split = min(max(int(split_at), 0), n)
-    x, y, child = a.reshape(-1), b.reshape(-1), out.view(-1)
-    for lo, hi, t in ((0, split, mix_ratio), (split, n, 1.0 - mix_ratio)):
-        if hi <= lo:
-            continue
-        coef_a, coef_b = slerp_coefficients(t, cos, MERGEKIT_DOT_THRESHOLD)
-        part = child[lo:hi]
-        torch.mul(x[lo:hi], coef_a, out=part)
-        part.add_(y[lo:hi], alpha=coef_b)
-
-
-def _crossover_into(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    mix_ratio: float,
-    split_at: int,
-    out: torch.Tensor,
-    squared_norms: tuple[float | None, float | None] = (None, None),
-) -> None:
-    """:func:`m2n2_crossover` written into ``out`` (``out`` may be ``a`` itself, not ``b``).
-
-    The same steps as ``m2n2_crossover``, so the same bits: identical parents give ``a``
-    unchanged, otherwise the kernel with mergekit's lerp fallback. ``out`` must have ``a``'s
-    dtype, so that it stores exactly what ``m2n2_crossover`` would return. ``squared_norms``:
-    the parents' cached ``|a|^2, |b|^2`` (the same bits ``cosine`` would compute).
-    """
-    cos = cosine(a, b, squared_norms=squared_norms)
-    if cos > MERGEKIT_DOT_THRESHOLD and torch.equal(a, b):
-        if out.data_ptr() != a.data_ptr():
-            out.copy_(a)
-        return
-    if out.dtype == a.dtype == compute_dtype(a.dtype) and out.is_contiguous():
-        _split_slerp_into(a, b, mix_ratio, split_at, cos, out)
-        return
-    split_slerp(a, b, mix_ratio, split_at, cos=cos, dot_threshold=MERGEKIT_DOT_THRESHOLD, out=out)
-
-
 def _merge_tensor(
     a: Checkpoint,
     b: Checkpoint,
-    plan: _PairPlan,
+    plan: PairPlan,
     layout: ModelLayout,
     name: str,
     *,
@@ -551,24 +160,19 @@ def _merge_tensor(
     written = out_dtype or work
     local = layout.local_split(name, split, entry_a.numel)
     source_a, source_b = plan.sources_a[name], plan.sources_b[name]
-    if dest is not None and dest.dtype == work == written and _plain_cpu(dest):
-        # The lean path: the kernel writes the child into the destination. Parent A is read
-        # straight into it when it has the file's alignment there, else into the scratch.
-        if (
-            a.io == "read"
-            and entry_a.dtype == work
-            and (dest.data_ptr() - entry_a.start) % _ALIGN == 0
-        ):
-            parent_a = a.get(source_a, out=dest)
-        else:
-            parent_a = a.get(source_a, dtype=work, reuse=True)
-        parent_b = b.get(source_b, dtype=work, reuse=True)
-        norms = (a.squared_norm(source_a, parent_a), b.squared_norm(source_b, parent_b))
-        _crossover_into(parent_a, parent_b, mix_ratio, local, out=dest, squared_norms=norms)
-        return dest, written
-    parent_a = a.get(source_a, dtype=work, reuse=True)
+    lean = dest is not None and dest.dtype == work == written and plain_cpu(dest)
+    if lean and a.io == "read" and entry_a.dtype == work:
+        parent_a = a.get(source_a, out=dest)  # the kernel then computes the child over it
+    else:
+        parent_a = a.get(source_a, dtype=work, reuse=True)
     parent_b = b.get(source_b, dtype=work, reuse=True)
-    child = m2n2_crossover(parent_a, parent_b, mix_ratio, local)  # never a view of a parent
+    norms = (a.squared_norm(source_a, parent_a), b.squared_norm(source_b, parent_b))
+    cos = cosine(parent_a, parent_b, squared_norms=norms)
+    if lean:
+        # The kernel writes the child straight into the destination (the model's parameter).
+        split_slerp(parent_a, parent_b, mix_ratio, local, cos=cos, dot_threshold=_DOT, out=dest)
+        return dest, written
+    child = split_slerp(parent_a, parent_b, mix_ratio, local, cos=cos, dot_threshold=_DOT)
     if out_dtype is not None:
         child = child.to(out_dtype)
     if dest is None:
@@ -627,6 +231,7 @@ def merge_into_model(
     out_dtype: torch.dtype | None = None,
     io: IO = "read",
     keep_buffers: bool = True,
+    arch: Architecture | None = None,
 ) -> ResidentChild:
     """Merge parents A and B with ``m2n2`` straight into ``model``'s tensors, in place.
 
@@ -637,8 +242,10 @@ def merge_into_model(
             ``.safetensors`` file each; parent A is mergekit's ``base_model``.
         mix_ratio, split_point, granularity: the ``m2n2`` parameters.
         layout: parent A's layout if the caller has it (e.g. from
-            :func:`~m2n2_plugin.merge_method.layout_for_model`); by default it is built from
-            the headers and cached per pair of parent shapes. It must list the same tensors.
+            :func:`~m2n2_plugin.layout.layout_for_model`); by default it is planned from the
+            headers. It must list the same tensors.
+        arch: the model's :class:`~m2n2_plugin.layout.Architecture`, built once by a caller
+            that merges many children (``m2n2 evolve``); by default built from the config.
         dtype: mergekit's ``dtype``: both parents are cast to it before merging (default:
             promoted per tensor, as mergekit does).
         out_dtype: mergekit's ``out_dtype``: the child is cast to it (default: the merge
@@ -654,23 +261,17 @@ def merge_into_model(
     Returns:
         A :class:`ResidentChild`, for :func:`save_child`.
     """
-    from m2n2_plugin.merge_method import GRANULARITIES
-
-    _check_ratio(mix_ratio)
-    if granularity not in GRANULARITIES:
-        raise M2N2ConfigError(f"granularity must be 'element' or 'layer', got {granularity!r}")
-    config = cast("PretrainedConfig", model.config)
+    check_unit_interval("mix_ratio", mix_ratio)
+    check_granularity(granularity)
+    arch = arch or Architecture.for_config(cast("PretrainedConfig", model.config))
     params = model.state_dict()
     scratch_a, scratch_b = ({}, {}) if not keep_buffers else _SCRATCH.setdefault(model, ({}, {}))
     with Checkpoint(parent_a, io, scratch_a) as a, Checkpoint(parent_b, io, scratch_b) as b:
-        plan = _pair_plan(config, a, b)
+        plan = _plan(arch, a, b)
         used = plan.layout if layout is None else layout
         if used.names != plan.layout.names or dict(used.shapes) != dict(plan.layout.shapes):
             raise M2N2ConfigError(f"the layout given does not describe parent A ({a.path})")
-        try:
-            split = used.split_index(split_point, granularity)
-        except ValueError as exc:
-            raise M2N2ConfigError(str(exc)) from None
+        split = used.split_index(split_point, granularity)
         tied = {n: t for n, t in plan.tied.items() if n in params}
         _check_model_tensors(
             params,
@@ -728,19 +329,18 @@ def merge_checkpoints(
     dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
     io: IO = "read",
+    arch: Architecture | None = None,
 ) -> dict[str, torch.Tensor]:
     """The child as a state dict (mergekit's names, no tied duplicates), parents read lazily.
 
     One model of memory (the child) instead of three; for when no resident model can hold the
-    child exactly (see :func:`save_child`).
+    child exactly (see :func:`save_child`). ``arch``: as for :func:`merge_into_model`.
     """
-    _check_ratio(mix_ratio)
+    check_unit_interval("mix_ratio", mix_ratio)
+    arch = arch or Architecture.for_config(config)
     with Checkpoint(parent_a, io) as a, Checkpoint(parent_b, io) as b:
-        plan = _pair_plan(config, a, b)
-        try:
-            split = plan.layout.split_index(split_point, granularity)
-        except ValueError as exc:
-            raise M2N2ConfigError(str(exc)) from None
+        plan = _plan(arch, a, b)
+        split = plan.layout.split_index(split_point, granularity)
         child: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name in plan.layout.names:
