@@ -47,7 +47,7 @@ def test_a_training_that_misses_its_threshold_is_one_line() -> None:
     splits = reduced_splits()
     tok = example.build_tokenizer()
     model = example.build_model(len(tok), seed=0)
-    with pytest.raises(M2N2Error, match=r"did not reach 95% on 'shift' within 25 steps") as exc:
+    with pytest.raises(M2N2Error, match=r"did not reach 95% on 'shift' within 25 steps") as exc:  # noqa: E501
         example.train_until(
             model,
             tok,
