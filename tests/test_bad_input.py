@@ -378,6 +378,12 @@ def test_a_damaged_archive_member_is_named_on_resume(
         member.write_bytes(saved)
 
 
+def evolve_cli(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The real ``m2n2 evolve`` process on ``config``."""
+    cmd = [sys.executable, "-m", "m2n2_plugin.cli", "evolve", str(config), "--no-progress"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=worker_env(), cwd=cwd)
+
+
 def _mount_tmpfs(folder: Path, size: str) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
@@ -402,13 +408,7 @@ def test_a_full_disk_while_a_child_is_written_is_one_line(workspace: Path, tmp_p
             search__storage=storage,
             search__n_trials=5,
         )
-        proc = subprocess.run(
-            [sys.executable, "-m", "m2n2_plugin.cli", "evolve", str(config), "--no-progress"],
-            capture_output=True,
-            text=True,
-            env=worker_env(),
-            cwd=workspace,
-        )
+        proc = evolve_cli(config, workspace)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1, proc.stderr  # no traceback before the line
@@ -421,13 +421,7 @@ def test_a_full_disk_while_a_child_is_written_is_one_line(workspace: Path, tmp_p
     finally:
         subprocess.run(["umount", str(out)], check=False)
     # Space again (the folder's own disk): the same command resumes and finishes.
-    proc = subprocess.run(
-        [sys.executable, "-m", "m2n2_plugin.cli", "evolve", str(config), "--no-progress"],
-        capture_output=True,
-        text=True,
-        env=worker_env(),
-        cwd=workspace,
-    )
+    proc = evolve_cli(config, workspace)
     assert proc.returncode == 0, proc.stderr
     study = optuna.load_study(study_name="m2n2", storage=storage)
     assert [t.number for t in study.trials if t.number in done and t.value is not None] == done

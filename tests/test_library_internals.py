@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from m2n2_plugin import example
 from m2n2_plugin.example import write_jsonl
 
 # --------------------------------------------------------------------------- Optuna
@@ -89,22 +90,6 @@ def test_optuna_logs_a_failed_trial_on_the_optimize_logger() -> None:
 
 # --------------------------------------------------------------------------- lm-eval
 
-TASK = """\
-task: internals_task
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "Q: {{{{question}}}}\\nA:"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 2
-  do_sample: false
-"""
-
 
 def test_lm_eval_task_manager_load_and_metric_list(tmp_path: Path) -> None:
     """``TaskManager.load`` returns ``{"tasks", "groups", "group_map"}`` (what
@@ -113,7 +98,10 @@ def test_lm_eval_task_manager_load_and_metric_list(tmp_path: Path) -> None:
     from lm_eval.tasks import TaskManager
 
     write_jsonl(tmp_path / "d.jsonl", [{"question": "a", "answer": "b"}] * 3)
-    (tmp_path / "t.yaml").write_text(TASK.format(data=tmp_path / "d.jsonl"))
+    task_yaml = example.TASK_YAML.format(
+        task="internals_task", data=tmp_path / "d.jsonl", max_gen_toks=2, pattern="(.*)"
+    )
+    (tmp_path / "t.yaml").write_text(task_yaml.split("filter_list:")[0])  # default metrics
     loaded = TaskManager(include_path=str(tmp_path), include_defaults=False).load(
         ["internals_task"]
     )

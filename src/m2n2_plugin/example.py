@@ -22,7 +22,6 @@ import random
 import re
 import string
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -250,25 +249,6 @@ metric_list:
 """
 
 
-def with_restarts(make: Any, train: Any) -> tuple[Any, dict[str, float]]:
-    """``train(make(attempt), attempt)``, started again from scratch if it misses its goal.
-
-    A tiny model learning to reverse words sometimes sits on a plateau (13 % right) for
-    thousands of steps, depending only on the order of its batches; most orders get through
-    in a few hundred. A fresh start with another order (and, for the base, another
-    initialisation) is much cheaper than waiting, and bounds the time: ``ATTEMPTS`` starts of
-    at most ``MAX_STEPS`` steps each, then the last one-line error.
-    """
-    for attempt in range(ATTEMPTS):
-        model = make(attempt)
-        try:
-            return model, train(model, attempt)
-        except M2N2Error:
-            if attempt == ATTEMPTS - 1:
-                raise
-    raise AssertionError("unreachable")
-
-
 def train_specialists(
     splits: dict[str, dict[str, list[dict[str, str]]]], seed: int, quiet: bool = False
 ) -> dict[str, tuple[object, dict[str, float]]]:
@@ -278,47 +258,65 @@ def train_specialists(
     specialist is then trained on its own skill only until it solves ``THRESHOLD`` of its
     development documents, and stops there, so it stays close to the base (fine-tunes of one
     ancestor, as real ones are) and fails the other skill.
+
+    A tiny model learning to reverse words sometimes sits on a plateau (0-15 % right) for
+    thousands of steps; whether it does depends on the base it starts from, and most bases
+    get through in a few hundred. So a specialist gets at most ``MAX_STEPS`` steps, and if one
+    misses its goal everything starts again from a new base (another initialisation and batch
+    order): at most ``ATTEMPTS`` starts, then the last one-line error.
     """
+    for attempt in range(ATTEMPTS):
+        try:
+            return _train_once(splits, seed + 1000 * attempt, quiet)
+        except M2N2Error:
+            if attempt == ATTEMPTS - 1:
+                raise
+            if not quiet:
+                print(f"training attempt {attempt + 1} stalled; starting again from a new base")
+    raise AssertionError("unreachable")
+
+
+def _train_once(
+    splits: dict[str, dict[str, list[dict[str, str]]]], seed: int, quiet: bool
+) -> dict[str, tuple[object, dict[str, float]]]:
+    """One try of :func:`train_specialists`: a base, then the specialists."""
     import copy
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     dev = {s: splits[s]["dev"] for s in ("copy", *SKILLS)}
     mix = [doc for s in ("copy", *SKILLS) for doc in splits[s]["train"]]  # as many of each
-    base, _ = with_restarts(
-        lambda attempt: build_model(len(tokenizer), seed=seed + 1000 * attempt, hidden=HIDDEN),
-        lambda model, attempt: train_until(
-            model,
-            tokenizer,
-            mix,
-            {"copy": dev["copy"]},
-            "copy",
-            seed=seed + 1000 * attempt,
-            lr=3e-3,
-            threshold=BASE_THRESHOLD,
-            max_steps=MAX_STEPS,
-            what="base model",
-        ),
+    base = build_model(len(tokenizer), seed=seed, hidden=HIDDEN)
+    train_until(
+        base,
+        tokenizer,
+        mix,
+        {"copy": dev["copy"]},
+        "copy",
+        seed=seed,
+        lr=3e-3,
+        threshold=BASE_THRESHOLD,
+        max_steps=MAX_STEPS,
+        what="base model",
     )
     trained = {}
     for i, skill in enumerate(SKILLS):
-        spec, accuracy = with_restarts(
-            lambda attempt: copy.deepcopy(base),
-            lambda model, attempt, i=i, skill=skill: train_until(
-                model,
-                tokenizer,
-                splits[skill]["train"],
-                {s: dev[s] for s in SKILLS},
-                skill,
-                seed=seed * 100 + i + 1 + 1000 * attempt,
-                lr=1e-3,
-                threshold=THRESHOLD,
-                max_steps=MAX_STEPS,
-                what=f"{skill} specialist",
-            ),
+        spec = copy.deepcopy(base)
+        accuracy = train_until(
+            spec,
+            tokenizer,
+            splits[skill]["train"],
+            {s: dev[s] for s in SKILLS},
+            skill,
+            seed=seed * 100 + i + 1,
+            lr=1e-3,
+            threshold=THRESHOLD,
+            max_steps=MAX_STEPS,
+            what=f"{skill} specialist",
         )
         trained[skill] = (spec, accuracy)
-        if not quiet:
+    if not quiet:
+        for skill, (_, accuracy) in trained.items():
             cells = ", ".join(f"{s} {accuracy[s]:.2f}" for s in SKILLS)
             print(f"trained {skill}-specialist: development accuracy {cells}")
     return trained
