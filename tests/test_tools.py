@@ -172,6 +172,19 @@ def test_evolve_tells_dashboard_mlflow_and_the_hub(
     lineage = json.loads(graphs["m2n2-lineage"])
     assert f"#{best}" in lineage["data"][2]["text"]
     assert f"Best archive member: trial {best}**" in get_note(study)
+    # ... and so does the dashboard's own web API (its WSGI app, called in-process).
+    from wsgiref.util import setup_testing_defaults
+
+    from optuna_dashboard import wsgi
+
+    environ: dict[str, Any] = {"PATH_INFO": f"/api/studies/{study._study_id}"}
+    setup_testing_defaults(environ)
+    status: list[str] = []
+    body = b"".join(wsgi(study._storage)(environ, lambda s, h, *a: status.append(s)))
+    assert status == ["200 OK"]
+    page = json.loads(body)
+    assert {g["id"] for g in page["plotly_graph_objects"]} == set(graphs)
+    assert page["objective_names"] == ["mean fitness score"]
 
     # MLflow: one run per trial (the optuna-integration callback) with M2N2's numbers, and
     # a run with the archive's best and the held-out scores.
@@ -256,6 +269,11 @@ def test_evolve_logs_to_wandb_offline(workspace: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = write_config(workspace, "wandb", search__n_trials=8, search__tracking="wandb")
     run = evolve(cfg, progress=False)
+    import wandb
+
+    # run.finish() returns before wandb's service has written everything to the run file
+    # (seen under load); teardown waits for it, as the exit of an ``m2n2 evolve`` process does.
+    wandb.teardown()
     [run_file] = (run.out / "wandb").glob("offline-run-*/run-*.wandb")
     records = _wandb_records(run_file)
     steps: dict[int, dict[str, Any]] = {}

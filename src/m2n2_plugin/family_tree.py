@@ -149,6 +149,10 @@ def save_png(nodes: Mapping[int, Node], best: int, path: Path, title: str) -> No
     from matplotlib.patches import FancyArrowPatch
 
     pos = layout(nodes)
+    # Long seed names (paths as written in the mergekit config) get wider columns.
+    longest = max(len(line) for node in nodes.values() for line in node.label.splitlines())
+    spread = max(1.0, (0.075 * longest + 0.4) / 1.5)
+    pos = {n: (x * spread, y) for n, (x, y) in pos.items()}
     fig, ax = plt.subplots(figsize=_size(pos))
     values = [n.value for n in nodes.values() if n.value is not None]
     norm = Normalize(vmin=min(values, default=0.0), vmax=max(values, default=1.0) or 1.0)
