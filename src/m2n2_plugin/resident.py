@@ -242,7 +242,7 @@ def merge_into_model(
             ``.safetensors`` file each; parent A is mergekit's ``base_model``.
         mix_ratio, split_point, granularity: the ``m2n2`` parameters.
         layout: parent A's layout if the caller has it (e.g. from
-            :func:`~m2n2_plugin.layout.layout_for_model`); by default it is planned from the
+            :func:`~m2n2_plugin.merge_inputs.layout_for_model`); by default it is planned from the
             headers. It must list the same tensors.
         arch: the model's :class:`~m2n2_plugin.layout.Architecture`, built once by a caller
             that merges many children (``m2n2 evolve``); by default built from the config.
