@@ -75,6 +75,13 @@ class FitnessConfig(BaseModel):
     def _one_task(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        from m2n2_plugin.devices import check_device_name
+
+        return check_device_name(v)
+
     @field_validator("fitness_docs")
     @classmethod
     def _some_docs(cls, v: DocSpec) -> DocSpec:

@@ -30,6 +30,7 @@ import torch
 from m2n2_plugin.config import EvolveConfig
 from m2n2_plugin.config import load_config
 from m2n2_plugin.config import load_yaml
+from m2n2_plugin.devices import resolve_device
 from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.fitness import DocSet
 from m2n2_plugin.fitness import LmEvalFitness
@@ -324,11 +325,13 @@ def load_fitness(cfg: EvolveConfig) -> tuple[LmEvalFitness, DocSet, DocSet]:
 def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     """Validate everything that can be checked before the first trial, then open the study."""
     from transformers import AutoConfig
-    from transformers import AutoModelForCausalLM
     from transformers import AutoTokenizer
 
     from m2n2_plugin.hub import M2N2Sampler
+    from m2n2_plugin.resident import build_resident_model
 
+    # First, before anything is read or written: a device this machine does not have.
+    device = resolve_device(cfg.fitness.device)
     out = output_folder(cfg, output_dir)
 
     # Seeds: an existing mergekit config, used as-is.
@@ -394,12 +397,16 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     tok_path = tok_src if tok_src not in (None, "base", "union") else None
     tok_path = tok_path or carried.get("base_model") or str(seeds[0].path)
     hf_config = AutoConfig.from_pretrained(seeds[0].path)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=eval_dtype)
-    model.eval()
+    merge_dtype = DTYPES.get(carried.get("dtype", ""))
+    # On the device, no random init, holding the first seed (evaluated first anyway).
+    model = build_resident_model(
+        hf_config, seeds[0].path, dtype=eval_dtype, device=device, weights_dtype=merge_dtype
+    )
     tokenizer = AutoTokenizer.from_pretrained(tok_path)
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=fc.batch_size, device=fc.device)
+    # HFLM keeps a model object where it is (it reads ``model.device``): hence the build above.
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=fc.batch_size, device=str(device))
     run = Run(
         cfg=cfg,
         out=out,
@@ -413,11 +420,23 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         model=lm.model,
         tokenizer=tokenizer,
         lm=lm,
-        merge_dtype=DTYPES.get(carried.get("dtype", "")),
+        merge_dtype=merge_dtype,
         out_dtype=DTYPES.get(carried.get("out_dtype") or carried.get("dtype", "")),
         arch=Architecture.for_config(hf_config),
     )
     return run
+
+
+def with_device(cfg: EvolveConfig, device: str) -> EvolveConfig:
+    """``cfg`` with ``fitness.device`` replaced (spelling checked as the config checks it)."""
+    from m2n2_plugin.devices import check_device_name
+
+    try:
+        check_device_name(device)
+    except ValueError as exc:
+        raise M2N2Error(f"--device: {exc}") from exc
+    fitness = cfg.fitness.model_copy(update={"device": device})
+    return cfg.model_copy(update={"fitness": fitness})
 
 
 def evolve(
@@ -426,15 +445,20 @@ def evolve(
     n_trials: int | None = None,
     progress: bool = True,
     on_trial: Callable[[Run, optuna.trial.FrozenTrial], None] | None = None,
+    device: str | None = None,
 ) -> Run:
     """Run (or resume) an M2N2 evolution; returns the :class:`Run` after writing the outputs.
 
     ``n_trials`` overrides ``search.n_trials``: the study's total number of finished trials,
-    so rerunning after an interruption runs only what is missing.
+    so rerunning after an interruption runs only what is missing. ``device`` overrides
+    ``fitness.device`` (``m2n2 evolve --device``): workers of one study on one machine can
+    each take their own GPU; the device is not part of the study's fingerprint.
     """
     from tqdm.auto import tqdm
 
     cfg = config if isinstance(config, EvolveConfig) else load_config(config)
+    if device is not None:
+        cfg = with_device(cfg, device)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     optimize_log = logging.getLogger("optuna.study._optimize")
     if not any(isinstance(f, _OneLineErrors) for f in optimize_log.filters):

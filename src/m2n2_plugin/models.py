@@ -186,14 +186,30 @@ def check_tokenizers(seeds: list[Seed]) -> None:
 
 
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a safetensors file so that a crash never leaves a partial file at ``path``."""
+    """Write a safetensors file so that a crash never leaves a partial file at ``path``.
+
+    CPU tensors go through ``safetensors`` (straight from their memory); if any tensor lives on
+    another device (a resident model on a GPU) the file is streamed one tensor at a time
+    (:func:`m2n2_plugin.checkpoint.write_safetensors`), so host memory holds one tensor, not
+    a copy of the model.
+    """
+    from m2n2_plugin.checkpoint import write_safetensors
+
     path.parent.mkdir(parents=True, exist_ok=True)
     # The temp name carries the target's (".tmp-trial_000012-...") so that a cleaner can tell
     # whose write a left-over temp file was (evolve.Run.sync_files).
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
+    on_cpu = all(v.device.type == "cpu" for v in tensors.values())
+    if on_cpu:
+        os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        if on_cpu:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        else:
+            try:
+                write_safetensors(tensors, fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
