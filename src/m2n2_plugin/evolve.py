@@ -34,6 +34,8 @@ from m2n2_plugin.devices import resolve_device
 from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.fitness import DocSet
 from m2n2_plugin.fitness import LmEvalFitness
+from m2n2_plugin.fitness import benchmark_warning
+from m2n2_plugin.fitness import hflm_model_args
 from m2n2_plugin.fitness import resolve_doc_ids
 from m2n2_plugin.layout import Architecture
 from m2n2_plugin.models import check_compatible
@@ -296,23 +298,28 @@ def load_fitness(cfg: EvolveConfig) -> tuple[LmEvalFitness, DocSet, DocSet]:
     document that is also a fitness document is an error.
     """
     fc = cfg.fitness
+    paths = [fc.include_path] if isinstance(fc.include_path, str) else fc.include_path or []
     fitness = LmEvalFitness(
         fc.tasks,
         metric=fc.metric,
         filter=fc.filter,
-        include_path=str(cfg.resolve(fc.include_path)) if fc.include_path else None,
+        include_path=[str(cfg.resolve(p)) for p in paths] or None,
         include_defaults=fc.include_defaults,
         num_fewshot=fc.num_fewshot,
         gen_kwargs=fc.gen_kwargs,
         apply_chat_template=fc.apply_chat_template,
         system_instruction=fc.system_instruction,
         fewshot_as_multiturn=fc.fewshot_as_multiturn,
+        confirm_run_unsafe_code=fc.confirm_run_unsafe_code,
     )
-    fit_ids = resolve_doc_ids(fc.fitness_docs, fc.tasks, fitness.sizes, "fitness")
+    # Groups in fc.tasks stand for their subtasks: documents are chosen per subtask.
+    fit_ids = resolve_doc_ids(fc.fitness_docs, fitness.tasks, fitness.sizes, "fitness")
     if not fit_ids:
         raise M2N2Error("the fitness set is empty")
     ends = {t: (max(ids) + 1 if ids else 0) for t, ids in fit_ids.items()}
-    held_ids = resolve_doc_ids(fc.heldout_docs, fc.tasks, fitness.sizes, "heldout", start=ends)
+    held_ids = resolve_doc_ids(
+        fc.heldout_docs, fitness.tasks, fitness.sizes, "heldout", start=ends
+    )
     for task, ids in held_ids.items():
         overlap = set(ids) & set(fit_ids.get(task, []))
         if overlap:
@@ -332,6 +339,7 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
 
     # First, before anything is read or written: a device this machine does not have.
     device = resolve_device(cfg.fitness.device)
+    model_args = hflm_model_args(cfg.fitness.model_args)
     out = output_folder(cfg, output_dir)
 
     # Seeds: an existing mergekit config, used as-is.
@@ -383,6 +391,11 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         study.set_user_attr("m2n2.fitness_labels", fitness_docs.labels())
         study.set_user_attr("m2n2.generation_settings", fitness.generation_settings())
         study.set_user_attr("m2n2.seeds", [[s.name, str(s.path)] for s in seeds])
+        # Said once at start (below) and carried into the model card (report.Settings).
+        warning = benchmark_warning({t: fitness._loaded["tasks"][t] for t in fitness_docs.ids})
+        study.set_user_attr("m2n2.benchmark_warning", warning)
+        if warning:
+            LOG.warning("m2n2: warning: %s", warning)
     elif old != fp:
         changed = next(k for k in fp if fp[k] != old.get(k))
         raise M2N2Error(
@@ -406,7 +419,13 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     from lm_eval.models.huggingface import HFLM
 
     # HFLM keeps a model object where it is (it reads ``model.device``): hence the build above.
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=fc.batch_size, device=str(device))
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=fc.batch_size,
+        device=str(device),
+        **model_args,
+    )
     run = Run(
         cfg=cfg,
         out=out,

@@ -37,6 +37,9 @@ from m2n2_plugin.workers import MemberEvicted
 from m2n2_plugin.workers import member_file
 from m2n2_plugin.workers import sync_files
 
+#: lm-eval's per-sample log of the best model's held-out documents, in the output folder.
+HELDOUT_SAMPLES = "heldout_samples.jsonl"
+
 
 def write_error(path: Path, exc: OSError) -> M2N2Error:
     """The one line for a write that failed (no space left, a quota, a read-only mount).
@@ -173,6 +176,7 @@ class RunState:
             heldout_tasks=list(self.heldout_docs.ids),
             n_heldout_docs=len(self.heldout_docs),
             carried=self.carried,
+            warnings=[w for w in [self.study.user_attrs.get("m2n2.benchmark_warning")] if w],
         )
         return write_outputs(
             self.out,
@@ -188,22 +192,37 @@ class RunState:
         """Held-out task means of the best member and of every seed ({} without documents)."""
         if not len(self.heldout_docs):
             return {}
+        # lm-eval's per-sample records of the best model's held-out documents: the answers
+        # behind its numbers.
+        log = self.out / HELDOUT_SAMPLES
         scores = {
-            "M2N2 best": self.heldout_scores(partial(self.load_member, best), f"trial:{best}")
+            "M2N2 best": self.heldout_scores(
+                partial(self.load_member, best), f"trial:{best}", samples_log=log
+            )
         }
         for i, s in enumerate(self.seeds):
             scores[f"seed {s.name}"] = self.heldout_scores(partial(self.load_seed, i), f"seed:{i}")
         return scores
 
-    def heldout_scores(self, load: Callable[[], None], key: str) -> dict[str, float]:
+    def heldout_scores(
+        self, load: Callable[[], None], key: str, samples_log: Path | None = None
+    ) -> dict[str, float]:
         """Mean held-out score per task of the model ``load()`` puts in place (cached under
-        ``key`` in the study, so a resumed run does not evaluate it again)."""
+        ``key`` in the study, so a resumed run does not evaluate it again).
+
+        ``samples_log``: also write lm-eval's per-sample records there; a cached score whose
+        log is missing, or is another model's, is evaluated again to write it.
+        """
         cache = dict(self.study.user_attrs.get("m2n2.heldout", {}))
-        if key not in cache:
+        logged = self.study.user_attrs.get("m2n2.heldout_samples_of")
+        stale_log = samples_log is not None and (not samples_log.is_file() or logged != key)
+        if key not in cache or stale_log:
             load()
-            scores = self.fitness.score(self.lm, self.heldout_docs)
+            scores = self.fitness.score(self.lm, self.heldout_docs, samples_log=samples_log)
             cache[key] = self.heldout_docs.task_means(scores)
             self.study.set_user_attr("m2n2.heldout", cache)
+            if samples_log is not None:
+                self.study.set_user_attr("m2n2.heldout_samples_of", key)
         return cache[key]
 
     def log_trial(self, frozen: optuna.trial.FrozenTrial, arch: Any) -> str:
