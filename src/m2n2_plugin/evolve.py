@@ -27,6 +27,7 @@ import numpy as np
 import optuna
 import torch
 
+from m2n2_plugin import tracking
 from m2n2_plugin.config import EvolveConfig
 from m2n2_plugin.config import load_config
 from m2n2_plugin.config import load_yaml
@@ -482,12 +483,14 @@ def evolve(
     optimize_log = logging.getLogger("optuna.study._optimize")
     if not any(isinstance(f, _OneLineErrors) for f in optimize_log.filters):
         optimize_log.addFilter(_OneLineErrors())
+    tracking.require(cfg)  # a missing MLflow / W&B package: one line, before anything is written
     run = _prepare_or_clean(cfg, output_dir)
     # What a killed worker left: its trial is failed once the heartbeat is stale, then the
     # child file it saved and any temp file are deleted; live workers' files are kept.
     fail_dead_trials(run.study)
     run.sync_files()
     run.check_member_files()
+    tracker = tracking.start(cfg, run.study, run.out, lambda: run.sampler.archive(run.study))
     total = n_trials or cfg.search.n_trials
     done = count_done(run.study)
     bar = tqdm(
@@ -519,7 +522,7 @@ def evolve(
             run.study.optimize(
                 run.objective,
                 n_trials=remaining,
-                callbacks=[after, budget],
+                callbacks=[after, *tracker.callbacks, budget],
                 catch=(MemberEvicted,),
             )
     finally:
@@ -529,4 +532,5 @@ def evolve(
         write_outputs_locked(run.out, run.write_outputs)
     except OSError as exc:  # best/ is written beside the old one, then swapped in
         raise write_error(Path(exc.filename or run.out), exc) from exc
+    tracker.finish()  # M2N2's best into the study, dashboard plots, tracking summary
     return run

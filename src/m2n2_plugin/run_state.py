@@ -284,7 +284,15 @@ def fingerprint(cfg: EvolveConfig, seeds: list[Seed], fitness: DocSet) -> dict[s
     """What must not change between a run and its resumption."""
     # Settings that do not change the archive may differ between a run and its resumption.
     search = cfg.search.model_dump(
-        exclude={"n_trials", "storage", "heartbeat_interval", "early_rejection", "rejection_chunk"}
+        exclude={
+            "n_trials",
+            "storage",
+            "heartbeat_interval",
+            "early_rejection",
+            "rejection_chunk",
+            "tracking",
+            "tracking_uri",
+        }
     )
     return {
         "seeds": [str(s.path) for s in seeds],
