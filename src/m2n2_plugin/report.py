@@ -46,6 +46,8 @@ class Settings:
     heldout_tasks: Sequence[str] = ()
     n_heldout_docs: int = 0
     carried: Mapping[str, Any] = field(default_factory=dict)
+    #: How the fitness documents weigh in the competition (weights.FitnessWeights.describe).
+    fitness_weights: str = ""
 
 
 def lineage_docs(
@@ -158,6 +160,7 @@ tags:
 Evolved with M2N2 (Model Merging of Natural Niches): split-point SLERP merges of an archive of
 {settings.archive_size} models under resource competition, scored per document with
 lm-eval ({", ".join(settings.tasks)}, metric `{settings.metric}`).
+Fitness weights: {settings.fitness_weights or "every fitness document weighs the same"}.
 
 ## Seeds
 {seed_list}
@@ -228,6 +231,17 @@ def _plots(out: Path, arch: Any) -> None:
     plt.close(fig)
 
 
+def fitness_means(archive: Any) -> np.ndarray:
+    """Each member's mean fitness score, weighted by the study's capacity (the documents'
+    weights from ``fitness.task_weights`` / ``fitness.weighting``), so the best model is the
+    best by the weights the archive competed under: with equal task weights a task of 12
+    documents counts as much as one of 60. Without a capacity: the plain mean, exactly
+    ``archive.mean_scores`` (and the pick ``archive.best()``)."""
+    if archive.capacity is None:
+        return archive.mean_scores
+    return archive.scores @ archive.capacity / archive.capacity.sum()
+
+
 def write_outputs(
     out: Path,
     archive: Any,
@@ -250,8 +264,8 @@ def write_outputs(
     if not archive.members:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-    means = archive.mean_scores
-    best = archive.best()
+    means = fitness_means(archive)
+    best = archive.members[int(np.argmax(means))]
     scores = heldout(best)
     tmp = Path(tempfile.mkdtemp(prefix=".best-tmp-", dir=out))
     try:

@@ -7,8 +7,9 @@ takes the child in by resource competition (:func:`.niches.replace_index`).
 
 Where the state lives. The archive is a deterministic *fold* over the study's trials in trial
 number order: each COMPLETE trial with scores is applied once (a seed to the first empty slot,
-everything else by the replacement rule); FAIL and PRUNED trials and COMPLETE trials without
-scores are skipped; the fold stops at the first trial that has not finished. So with one worker
+everything else, and a seed that finds no empty slot, by the replacement rule); FAIL and PRUNED
+trials and COMPLETE trials without scores change no slot (a PRUNED seed is marked done); the
+fold stops at the first trial that has not finished. So with one worker
 the archive that trial ``n`` sees is exactly the official steady-state algorithm after ``n``
 steps, and with several workers it is the finished prefix of the study. The fold's result is
 cached in the study's system attrs; since the fold is deterministic every worker that advances
@@ -109,8 +110,12 @@ class M2N2Sampler(BaseSampler):
             i.i.d. by shared fitness).
         use_split_point: draw a split point (False: the ablation, ``split_point`` is 1.0, i.e.
             one ratio for every parameter).
-        n_seeds: number of initial models; trials are seeds until each seed is COMPLETE or in
-            flight, and a seed whose trial fails is issued again.
+        n_seeds: number of initial models, any number (more than ``archive_size`` too). Seeds
+            are issued in index order, lowest free index first, one per trial, until each is
+            COMPLETE, PRUNED or in flight; then every trial is a child. The first seeds to
+            complete fill the empty slots; a seed that finds the archive full competes like a
+            child (:func:`.niches.replace_index`). A FAILed seed trial (or a COMPLETE one
+            without scores) is issued again; a PRUNED one counts as rejected and is not.
         seed: seed for the per-trial random streams (``default_rng([seed, trial.number])``), so
             one worker with the same seed draws the same plans, resumed or not.
         independent_sampler: samples every parameter other than ``mix_ratio`` and
@@ -384,8 +389,8 @@ class M2N2Sampler(BaseSampler):
         for k in range(state.position, number):
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, k)
             trial = storage.get_trial(trial_id)
-            if trial.state not in (TrialState.RUNNING, TrialState.COMPLETE):
-                continue  # FAIL / PRUNED: its seed is free again; WAITING: not planned
+            if trial.state not in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED):
+                continue  # FAIL: its seed is free again; WAITING: not planned
             plan = own_plan(trial.system_attrs, k)
             if plan is None and trial.state == TrialState.RUNNING:
                 plan = self._await_plan(storage, trial_id, k)
@@ -502,6 +507,8 @@ class M2N2Sampler(BaseSampler):
                 break
             if trial.state == TrialState.COMPLETE:
                 matrix = self._fold(study, state, matrix, trial)
+            elif trial.state == TrialState.PRUNED:
+                self._note_pruned_seed(state, trial)
             state.position += 1
         if state.position > start:
             stored = state.to_json()
@@ -583,6 +590,14 @@ class M2N2Sampler(BaseSampler):
             with self._lock:
                 self._cache(study).rows[trial.number] = scores
         return matrix
+
+    @staticmethod
+    def _note_pruned_seed(state: FoldState, trial: FrozenTrial) -> None:
+        """A PRUNED seed trial was evaluated and rejected (early rejection: it could not
+        enter the full archive), so its seed is not issued again; it changes no slot."""
+        plan = own_plan(trial.system_attrs, trial.number)
+        if plan is not None and plan["role"] == "seed" and plan["seed"] not in state.seeds:
+            state.seeds.append(int(plan["seed"]))
 
     def _matrix(self, study: Study, state: FoldState) -> NDArray[np.float64]:
         matrix = np.zeros((self._archive_size, state.n_examples or 0))
