@@ -27,12 +27,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
-def train(folder: Path, train_seed: int) -> float:
+def train(folder: Path, train_seed: int, n_trials: int) -> float:
     """Train the specialists of one training seed (cached in ``folder``); seconds taken."""
     from m2n2_plugin.example import build_example
 
     start = time.perf_counter()
-    build_example(folder, seed=train_seed, quiet=True)
+    build_example(folder, n_trials=n_trials, seed=train_seed, quiet=True)
     return time.perf_counter() - start
 
 
@@ -70,13 +70,22 @@ def main() -> None:
     parser.add_argument("--search-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--folder", type=Path, default=Path("/tmp/m2n2-bench-example"))
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--n-trials", type=int, help="trials per search (default: the example's)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
 
+    from m2n2_plugin.example import N_TRIALS
+
+    n_trials = args.n_trials or N_TRIALS
+    print(f"{n_trials} trials per search", flush=True)
     folders = {t: args.folder / f"train{t}" for t in args.train_seeds}
     with ProcessPoolExecutor(args.jobs) as pool:
         train_s = dict(
-            zip(args.train_seeds, pool.map(train, folders.values(), args.train_seeds), strict=True)
+            zip(
+                args.train_seeds,
+                pool.map(train, folders.values(), args.train_seeds, [n_trials] * len(folders)),
+                strict=True,
+            )
         )
         jobs = [(folders[t], t, s) for t in args.train_seeds for s in args.search_seeds]
         rows = list(pool.map(search, *zip(*jobs, strict=True)))

@@ -108,12 +108,37 @@ def not_a_number(doc, results):
 """
 
 
+def build_model(vocab_size: int, seed: int, hidden: int):
+    """A tiny 2-layer ``LlamaForCausalLM`` with a fixed initialisation: the workspace's seeds.
+
+    Llama, the architecture most fine-tunes users merge have (the built-in example uses a
+    GPT-2 for a reason of its own)."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
 def build_workspace(root: Path) -> Path:
     """Models, tasks and a seeds config under ``root`` (returned)."""
     from transformers import GPT2Config
     from transformers import GPT2LMHeadModel
 
-    from m2n2_plugin.example import build_model
     from m2n2_plugin.example import build_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from evolve_workspace import build_model
 from evolve_workspace import write_gsm_task
 
 from m2n2_plugin.config import parse_config
 from m2n2_plugin.errors import M2N2Error
-from m2n2_plugin.example import build_model
 from m2n2_plugin.example import build_tokenizer
 
 CHAT_TEMPLATE = (

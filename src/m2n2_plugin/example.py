@@ -2,8 +2,9 @@
 
 Everything is generated on the spot, offline, in seconds on a CPU:
 
-* a character-level tokenizer (no download) and a tiny Llama (2 layers, ~70 k parameters);
-* two rule-based skills on 4-letter words — ``shift`` (each letter to the next one, z -> a)
+* a character-level tokenizer (no download) and a tiny GPT-2 (2 layers, 64 wide, ~110 k
+  parameters);
+* two rule-based skills on 3-letter words — ``shift`` (each letter to the next one, z -> a)
   and ``reverse`` (the word backwards) — plus ``copy``, the format every model learns first;
 * a base model trained on ``copy``, and two specialists fine-tuned from it, one per skill, so
   they share an ancestor (as real fine-tunes do) but each fails the other's skill;
@@ -48,14 +49,13 @@ CHECK_EVERY = 25
 BATCH = 64
 MAX_STEPS = 600
 ATTEMPTS = 5
-#: Width of the example's models: at 64 the base and the reverse specialist stalled more
-#: often; at 128 most batch orders get there within a few hundred steps (``with_restarts``).
-HIDDEN = 128
+#: Width of the example's models (see :func:`build_model` for why GPT-2).
+HIDDEN = 64
 #: Bump when the training changes: cached specialists of another recipe are trained again.
-RECIPE = 2
+RECIPE = 3
 #: The search: trials and archive slots (sized so the fusion shows on every training seed:
 #: benchmarks/bench_example.py).
-N_TRIALS = 60
+N_TRIALS = 40
 ARCHIVE_SIZE = 8
 #: The tasks' generation budget and answer filter; ``task_accuracy`` scores the same way.
 MAX_GEN_TOKS = WORD_LEN + 2
@@ -79,7 +79,14 @@ def make_documents(skill: str, n: int, seed: int) -> list[dict[str, str]]:
     words: set[str] = set()
     while len(words) < n:
         words.add("".join(rng.choice(LETTERS) for _ in range(WORD_LEN)))
-    return [{"question": f"{skill} {w}", "answer": apply_skill(skill, w)} for w in sorted(words)]
+    return [
+        {
+            "question": f"{skill} {w}",
+            "answer": apply_skill(skill, w),
+            "prompt": prompt(f"{skill} {w}"),
+        }
+        for w in sorted(words)
+    ]
 
 
 def split_documents(
@@ -127,25 +134,32 @@ def build_tokenizer():  # -> PreTrainedTokenizerFast
 
 
 def build_model(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2):
-    """A tiny LlamaForCausalLM with a fixed initialisation."""
-    from transformers import LlamaConfig
-    from transformers import LlamaForCausalLM
+    """A tiny GPT-2 (``GPT2LMHeadModel``) with a fixed initialisation.
 
-    config = LlamaConfig(
+    GPT-2, not Llama: its learned absolute position embeddings let a two-layer model find
+    "the k-th letter from the end" (``reverse``) in a few dozen steps, where Llama's relative
+    (rotary) positions left the same model on a 0-15 % plateau for hundreds of steps on some
+    seeds. mergekit knows the architecture (``gpt2.json``), and so does lm-eval.
+    """
+    from transformers import GPT2Config
+    from transformers import GPT2LMHeadModel
+
+    config = GPT2Config(
         vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=4,
+        n_positions=32,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
         tie_word_embeddings=False,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return GPT2LMHeadModel(config)
 
 
 def train_until(
@@ -230,8 +244,11 @@ dataset_kwargs:
     test: {data}
 test_split: test
 output_type: generate_until
-doc_to_text: "Q: {{{{question}}}}\\nA:"
-doc_to_target: "{{{{answer}}}}"
+# Fields of the documents, not Jinja templates ("Q: {{{{question}}}}\\nA:"): the same text, but
+# lm-eval compiles a template anew for every document, which took most of each trial's time
+# with a model this small.
+doc_to_text: prompt
+doc_to_target: answer
 generation_kwargs:
   until: ["\\n"]
   max_gen_toks: {max_gen_toks}
@@ -259,11 +276,11 @@ def train_specialists(
     development documents, and stops there, so it stays close to the base (fine-tunes of one
     ancestor, as real ones are) and fails the other skill.
 
-    A tiny model learning to reverse words sometimes sits on a plateau (0-15 % right) for
-    thousands of steps; whether it does depends on the base it starts from, and most bases
-    get through in a few hundred. So a specialist gets at most ``MAX_STEPS`` steps, and if one
-    misses its goal everything starts again from a new base (another initialisation and batch
-    order): at most ``ATTEMPTS`` starts, then the last one-line error.
+    A tiny model can sit on a plateau for a long time, and whether it does depends on the base
+    it starts from (a 2-layer Llama learning ``reverse`` did so on several seeds; the GPT-2 of
+    :func:`build_model` has not, so far). So a model gets at most ``MAX_STEPS`` steps, and if
+    one misses its goal everything starts again from a new base (another initialisation and
+    batch order): at most ``ATTEMPTS`` starts, then the last one-line error.
     """
     for attempt in range(ATTEMPTS):
         try:
