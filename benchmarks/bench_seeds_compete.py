@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--train-seed", type=int, default=0)
     parser.add_argument("--search-seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--noise", type=float, default=0.05, help="noise std / tensor std")
-    parser.add_argument("--n-trials", type=int, default=60)
+    parser.add_argument("--n-trials", type=int, default=None, help="default: the example's")
     parser.add_argument("--only", choices=["seeds", "tasks"], default=None)
     parser.add_argument("--json", type=Path, help="write every row here")
     args = parser.parse_args()
@@ -148,7 +148,10 @@ def main() -> None:
 
     torch.set_num_threads(1)
     folder = args.folder.resolve()
-    config = build_example(folder, seed=args.train_seed, n_trials=args.n_trials, quiet=True)
+    from m2n2_plugin.example import N_TRIALS
+
+    n_trials = args.n_trials or N_TRIALS
+    config = build_example(folder, seed=args.train_seed, n_trials=n_trials, quiet=True)
     base = __import__("yaml").safe_load(config.read_text())
     models = folder / "models" / f"seed{args.train_seed}"
     rows = []

@@ -25,6 +25,7 @@ import pytest
 import yaml
 from evolve_workspace import HUB_TESTS
 from evolve_workspace import MC_TASK
+from evolve_workspace import build_model
 from evolve_workspace import build_workspace
 from evolve_workspace import check_study_and_files
 from evolve_workspace import file_digests
@@ -62,7 +63,6 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from safetensors.torch import load_file
     from safetensors.torch import save_file
 
-    from m2n2_plugin.example import build_model
     from m2n2_plugin.example import build_tokenizer
 
     root = build_workspace(tmp_path_factory.mktemp("seeds"))
