@@ -6,14 +6,18 @@ cached in FOLDER) and runs two variants of its search:
 * **seeds compete**: the two specialists plus two "noisy" seeds -- each specialist with
   Gaussian noise on every weight (``--noise`` times the tensor's standard deviation), written
   as new model folders -- and ``archive_size: 3``, below the four seeds. Reported: which
-  seeds the archive kept, when each left, and the best model's held-out scores.
+  seeds the archive kept, when each left, and the best model's held-out scores; beside it the
+  example's two seeds with the same three slots.
 * **unequal tasks**: the two specialists, the example's archive (8), but 60 fitness documents
   of ``shift`` against 12 of ``reverse``; once with ``weighting: per_task`` (the default:
   equal task weights, a reverse document weighs 5x) and once with ``per_document`` (every
   document the same, the behaviour before ``fitness.weighting``). Held-out: 100 documents
   per task, the example's.
 
-    python benchmarks/bench_seeds_compete.py /tmp/ex20 --search-seeds 0 1 2
+    python benchmarks/bench_seeds_compete.py /tmp/ex --search-seeds 0 1 2 --json all.json
+    python benchmarks/bench_seeds_compete.py /tmp/ex --search-seeds 0 1 2 --only seeds --noise 0.5
+
+The README's figures: benchmarks/results/bench_seeds_compete/*.json (one row per run).
 """
 
 from __future__ import annotations
@@ -157,13 +161,12 @@ def main() -> None:
     rows = []
 
     if args.only in (None, "seeds"):
+        noisy = folder / f"noisy{args.noise:g}"  # one folder per noise level: runs stay valid
         for i, name in enumerate(SPECIALISTS):
-            noisy_copy(models / name, folder / "noisy" / f"{name}-noisy", args.noise, seed=i)
-        seeds = [models / n for n in SPECIALISTS] + [
-            folder / "noisy" / f"{n}-noisy" for n in SPECIALISTS
-        ]
+            noisy_copy(models / name, noisy / f"{name}-noisy", args.noise, seed=i)
+        seeds = [models / n for n in SPECIALISTS] + [noisy / f"{n}-noisy" for n in SPECIALISTS]
         mk = write_yaml(
-            folder / "seeds4.yml",
+            folder / f"seeds4-noise{args.noise:g}.yml",
             {
                 "merge_method": "slerp",
                 "base_model": str(seeds[0]),
@@ -173,11 +176,18 @@ def main() -> None:
             },
         )
         cfg = write_yaml(
-            folder / "evolve-seeds4.yml",
+            folder / f"evolve-seeds4-noise{args.noise:g}.yml",
             {**base, "mergekit_config": mk.name, "search": {**base["search"], "archive_size": 3}},
         )
+        # The baseline: the example's two seeds, the same three slots.
+        baseline = write_yaml(
+            folder / "evolve-seeds2.yml",
+            {**base, "search": {**base["search"], "archive_size": 3}},
+        )
         for s in args.search_seeds:
-            rows.append(search(cfg, s, "seeds4-archive3"))
+            rows.append(search(cfg, s, f"seeds4-archive3-noise{args.noise:g}"))
+            print(json.dumps(rows[-1]), flush=True)
+            rows.append(search(baseline, s, "seeds2-archive3"))
             print(json.dumps(rows[-1]), flush=True)
 
     if args.only in (None, "tasks"):

@@ -294,6 +294,16 @@ def test_resume_with_other_task_weights_is_refused(
     # The same weights resume.
     cfg = _two_tasks(workspace, "tasks-resume")
     assert main(["evolve", str(cfg), "--no-progress", "-n", "3"]) == 0
+    capsys.readouterr()
+    # A study that weighs every document the same (as every study made before
+    # fitness.weighting) is not resumed with the new default; the line says how to resume it.
+    old_style = _two_tasks(workspace, "tasks-old", weighting="per_document")
+    assert main(["evolve", str(old_style), "--no-progress", "-n", "1"]) == 0
+    capsys.readouterr()
+    new_default = _two_tasks(workspace, "tasks-old")
+    assert main(["evolve", str(new_default), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resume it with fitness.weighting: per_document" in err[0], err
 
 
 def test_single_task_weights_change_nothing(workspace: Path) -> None:
