@@ -17,6 +17,7 @@ an error, not a silently ignored setting. Example::
       n_trials: 500
       archive_size: 20
       seed: 0
+      tracking: mlflow                # optional: log every trial to MLflow (or wandb)
 """
 
 from __future__ import annotations
@@ -132,6 +133,19 @@ class SearchConfig(BaseModel):
     storage: str | None = None
     study_name: str = "m2n2"
     heartbeat_interval: int | None = Field(default=60, ge=1)
+    # Experiment tracking (tracking.py): every trial logged to MLflow or W&B through
+    # optuna-integration's callbacks. The package must be installed (checked before the run).
+    tracking: Literal["mlflow", "wandb"] | None = None
+    # MLflow's tracking URI; unset: $MLFLOW_TRACKING_URI, else MLflow's own default. A plain
+    # path is relative to the config file's folder.
+    tracking_uri: str | None = Field(default=None, min_length=1)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri_needs_mlflow(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("tracking") != "mlflow":
+            raise ValueError("is only used with tracking: mlflow")
+        return v
 
 
 class EvolveConfig(BaseModel):

@@ -33,6 +33,7 @@ import numpy as np
 import optuna
 import torch
 
+from m2n2_plugin import tracking
 from m2n2_plugin.checkpoint import checkpoint_shapes
 from m2n2_plugin.config import EvolveConfig
 from m2n2_plugin.config import load_config
@@ -431,7 +432,15 @@ def _fingerprint(cfg: EvolveConfig, seeds: list[Seed], fitness: DocSet) -> dict[
     """What must not change between a run and its resumption."""
     # Settings that do not change the archive may differ between a run and its resumption.
     search = cfg.search.model_dump(
-        exclude={"n_trials", "storage", "heartbeat_interval", "early_rejection", "rejection_chunk"}
+        exclude={
+            "n_trials",
+            "storage",
+            "heartbeat_interval",
+            "early_rejection",
+            "rejection_chunk",
+            "tracking",
+            "tracking_uri",
+        }
     )
     return {
         "seeds": [str(s.path) for s in seeds],
@@ -710,12 +719,14 @@ def evolve(
     optimize_log = logging.getLogger("optuna.study._optimize")
     if not any(isinstance(f, _OneLineErrors) for f in optimize_log.filters):
         optimize_log.addFilter(_OneLineErrors())
+    tracking.require(cfg)  # a missing MLflow / W&B package: one line, before anything is written
     run = _prepare_or_clean(cfg, output_dir)
     # What a killed worker left: its trial is failed once the heartbeat is stale, then the
     # child file it saved and any temp file are deleted; live workers' files are kept.
     fail_dead_trials(run.study)
     run.sync_files()
     run.check_member_files()
+    tracker = tracking.start(cfg, run.study, run.out, lambda: run.sampler.archive(run.study))
     total = n_trials or cfg.search.n_trials
     done = _count_done(run.study)
     log_path = run.out / "trials.log"
@@ -783,7 +794,7 @@ def evolve(
             run.study.optimize(
                 run.objective,
                 n_trials=remaining,
-                callbacks=[after, budget],
+                callbacks=[after, *tracker.callbacks, budget],
                 catch=(MemberEvicted,),
             )
     finally:
@@ -793,4 +804,5 @@ def evolve(
         write_outputs_locked(run.out, run.write_outputs)
     except OSError as exc:  # best/ is written beside the old one, then swapped in
         raise write_error(Path(exc.filename or run.out), exc) from exc
+    tracker.finish()  # M2N2's best into the study, dashboard plots, tracking summary
     return run

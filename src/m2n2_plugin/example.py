@@ -341,14 +341,15 @@ def _train_once(
 
 def build_example(
     folder: str | Path,
-    n_trials: int = N_TRIALS,
+    n_trials: int | None = None,
     seed: int = 0,
     search_seed: int = 0,
     quiet: bool = False,
 ) -> Path:
     """Train the example's seeds (once per ``seed``; cached in ``folder``), write its configs.
 
-    Returns the path of the ``m2n2 evolve`` config. ``seed`` seeds the training (the base's
+    Returns the path of the ``m2n2 evolve`` config, which runs ``n_trials`` trials (default
+    ``N_TRIALS``). ``seed`` seeds the training (the base's
     initialisation and the batches), ``search_seed`` the M2N2 search. Nothing is written
     until the specialists are trained, so a failed training leaves no folder behind.
     """
@@ -407,7 +408,7 @@ def build_example(
         "  batch_size: 64\n"
         "  num_threads: 1\n"
         "search:\n"
-        f"  n_trials: {n_trials}\n"
+        f"  n_trials: {N_TRIALS if n_trials is None else n_trials}\n"
         f"  archive_size: {ARCHIVE_SIZE}\n"
         f"  seed: {search_seed}\n"
         "output_dir: run\n"

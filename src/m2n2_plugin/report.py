@@ -5,7 +5,8 @@
 * ``lineage.yml``: a ``mergekit-multi`` file of ``merge_method: m2n2`` merges that rebuilds
   the best model from the seed models (``mergekit-multi lineage.yml --intermediate-dir work
   --out-path rebuilt``);
-* ``<out>/plots/fitness.png`` and ``<out>/plots/coverage.png``; ``<out>/summary.json``.
+* ``<out>/plots/fitness.png``, ``<out>/plots/coverage.png`` and ``<out>/plots/lineage.png``
+  (the best model's family tree, :mod:`m2n2_plugin.family_tree`); ``<out>/summary.json``.
 
 It takes plain data -- the archive, the trials, the seeds, the output folder and a
 :class:`Settings` -- plus two callables for what needs the resident model (evaluating held-out
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from m2n2_plugin import family_tree
 from m2n2_plugin.models import CARRIED_KEYS
 from m2n2_plugin.models import Seed
 
@@ -128,14 +130,55 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def _model_card(
+#: Card metadata tags: the Hugging Face Hub lists merges under ``merge`` / ``mergekit``.
+CARD_TAGS = ["merge", "mergekit", "m2n2"]
+
+
+def model_card(
     settings: Settings,
     seeds: Sequence[Seed],
     best: int,
     fitness: float,
     heldout: dict[str, dict[str, float]],
-    n_merges: int,
-) -> str:
+    tree: Mapping[int, family_tree.Node],
+) -> Any:
+    """The best model's card as a ``huggingface_hub.ModelCard``.
+
+    Metadata the Hub reads: ``base_model`` (the seeds as named in the mergekit config, so the
+    Hub draws the model tree when they are Hub ids) with ``base_model_relation: merge``, the
+    tags, and a ``model-index`` with the best model's held-out score per task. The prose keeps
+    what the metadata cannot say: the lineage merge by merge and the held-out table against
+    every seed.
+    """
+    from huggingface_hub import EvalResult
+    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCardData
+
+    model_name = f"m2n2-{settings.study_name}-trial-{best}"
+    n_docs = settings.n_heldout_docs
+    best_scores = next(iter(heldout.values()), {})
+    results = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=task,
+            dataset_name=task,
+            dataset_split=f"held-out documents ({n_docs} in all, never used for selection)",
+            metric_type=settings.metric,
+            metric_name=settings.metric,
+            metric_value=round(float(best_scores[task]), 6),
+        )
+        for task in settings.heldout_tasks
+        if task in best_scores
+    ]
+    names = [s.name for s in seeds]
+    data = ModelCardData(
+        library_name="transformers",
+        base_model=names if len(names) > 1 else names[0],
+        base_model_relation="merge",
+        tags=CARD_TAGS,
+        model_name=model_name,
+        eval_results=results or None,
+    )
     seed_list = "\n".join(f"- `{s.name}`" for s in seeds)
     cols = [*settings.heldout_tasks, "mean"]
     rows = "\n".join(
@@ -147,14 +190,23 @@ def _model_card(
         if heldout
         else "No held-out documents were configured."
     )
-    n_docs = settings.n_heldout_docs
-    return f"""---
-library_name: transformers
-tags:
-- merge
-- mergekit
-- m2n2
----
+    merges = [node for _, node in sorted(tree.items()) if node.parents is not None]
+    if merges:
+        lines = "\n".join(
+            f"| {n.number} | {n.parents[0]} | {n.parents[1]} | {n.mix_ratio:.4f} | "
+            f"{n.split_point:.4f} | {_score(n.value)} |"
+            for n in merges
+            if n.parents is not None
+        )
+        lineage = (
+            "Every merge from the seeds to this model, oldest first (`mix_ratio` is the weight "
+            "on parent B before the split point, `1 - mix_ratio` after it):\n\n"
+            "| trial | parent A (base) | parent B | mix_ratio | split_point | mean fitness |\n"
+            f"|---|---|---|---|---|---|\n{lines}\n\n![family tree](lineage.png)"
+        )
+    else:
+        lineage = "This model is a seed: no child beat it."
+    body = f"""
 # M2N2 merge (trial {best} of study `{settings.study_name}`)
 
 Evolved with M2N2 (Model Merging of Natural Niches): split-point SLERP merges of an archive of
@@ -166,8 +218,10 @@ Fitness weights: {settings.fitness_weights or "every fitness document weighs the
 {seed_list}
 
 ## Lineage
-{n_merges} `m2n2` merge(s) from the seeds; `lineage.yml` rebuilds this model with
+{len(merges)} `m2n2` merge(s) from the seeds; `lineage.yml` rebuilds this model with
 `mergekit-multi lineage.yml --intermediate-dir work --out-path rebuilt`.
+
+{lineage}
 
 ## Scores
 Mean fitness score ({settings.n_fitness_docs} fitness documents): {fitness:.4f}
@@ -176,6 +230,26 @@ Held-out documents ({n_docs}, never used for selection):
 
 {table}
 """
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _score(value: float | None) -> str:
+    return "?" if value is None else f"{value:.4f}"
+
+
+def read_history(out: Path) -> list[dict[str, Any]]:
+    """The per-trial rows of ``history.jsonl`` in trial order (a resumed run may repeat a
+    trial's line: the last one wins)."""
+    hist_path = out / "history.jsonl"
+    rows = (
+        [json.loads(line) for line in hist_path.read_text().splitlines() if line.strip()]
+        if hist_path.is_file()
+        else []
+    )
+    last: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        last[r["trial"]] = r
+    return [last[k] for k in sorted(last)]
 
 
 def _plots(out: Path, arch: Any) -> None:
@@ -184,16 +258,7 @@ def _plots(out: Path, arch: Any) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    hist_path = out / "history.jsonl"
-    rows = (
-        [json.loads(line) for line in hist_path.read_text().splitlines()]
-        if hist_path.is_file()
-        else []
-    )
-    last: dict[int, dict[str, Any]] = {}
-    for r in rows:  # a resumed run may repeat a trial's line; keep the last
-        last[r["trial"]] = r
-    rows = [last[k] for k in sorted(last)]
+    rows = read_history(out)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -272,9 +337,17 @@ def write_outputs(
         save_model(best, tmp)
         docs = lineage_docs(trials, seeds, settings, best)
         n_merges = write_lineage(docs, settings.study_name, best, tmp / "lineage.yml")
-        (tmp / "README.md").write_text(
-            _model_card(settings, seeds, best, float(means.max()), scores, n_merges)
+        tree = family_tree.ancestry(trials, best)
+        picture = out / "plots" / "lineage.png"
+        family_tree.save_png(
+            tree,
+            best,
+            picture,
+            f"Family tree of trial {best} (study {settings.study_name!r}): "
+            f"{n_merges} merge(s) from {len(seeds)} seed(s)",
         )
+        shutil.copyfile(picture, tmp / "lineage.png")
+        model_card(settings, seeds, best, float(means.max()), scores, tree).save(tmp / "README.md")
         _replace_dir(tmp, out / "best")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
