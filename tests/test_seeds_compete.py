@@ -266,6 +266,7 @@ def test_equal_task_weights_on_tasks_of_40_and_8_documents(workspace: Path) -> N
     # Here that is the mute seed: all of the small task is half the balanced score (0.5),
     # more than any random seed gets; by the plain mean (8/48) it is the weakest member.
     assert summary["best_trial"] == mute.number
+    assert per_task.study.user_attrs["m2n2.best"]["trial"] == mute.number  # the dashboard's
     assert arch.best() != mute.number
     dropped = per_doc.study.trials[5]
     assert dropped.state == TrialState.PRUNED  # rejected early: it cannot enter

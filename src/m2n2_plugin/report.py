@@ -33,6 +33,8 @@ import yaml
 from m2n2_plugin import family_tree
 from m2n2_plugin.models import CARRIED_KEYS
 from m2n2_plugin.models import Seed
+from m2n2_plugin.weights import best_member
+from m2n2_plugin.weights import fitness_means
 
 
 @dataclass(frozen=True)
@@ -296,17 +298,6 @@ def _plots(out: Path, arch: Any) -> None:
     plt.close(fig)
 
 
-def fitness_means(archive: Any) -> np.ndarray:
-    """Each member's mean fitness score, weighted by the study's capacity (the documents'
-    weights from ``fitness.task_weights`` / ``fitness.weighting``), so the best model is the
-    best by the weights the archive competed under: with equal task weights a task of 12
-    documents counts as much as one of 60. Without a capacity: the plain mean, exactly
-    ``archive.mean_scores`` (and the pick ``archive.best()``)."""
-    if archive.capacity is None:
-        return archive.mean_scores
-    return archive.scores @ archive.capacity / archive.capacity.sum()
-
-
 def write_outputs(
     out: Path,
     archive: Any,
@@ -329,8 +320,8 @@ def write_outputs(
     if not archive.members:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-    means = fitness_means(archive)
-    best = archive.members[int(np.argmax(means))]
+    means = fitness_means(archive)  # weighted as the archive competed (weights.py)
+    best = best_member(archive)
     scores = heldout(best)
     tmp = Path(tempfile.mkdtemp(prefix=".best-tmp-", dir=out))
     try:

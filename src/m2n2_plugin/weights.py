@@ -111,6 +111,25 @@ class FitnessWeights:
         return f"weighting {self.weighting}: {cells}"
 
 
+def fitness_means(archive: Any) -> np.ndarray:
+    """Each member's mean fitness score, weighted by the study's capacity, so the best model
+    is the best by the weights the archive competed under: with equal task weights a task of
+    12 documents counts as much as one of 60. Without a capacity: the plain mean, exactly
+    ``archive.mean_scores``."""
+    if archive.capacity is None:
+        return archive.mean_scores
+    return archive.scores @ archive.capacity / archive.capacity.sum()
+
+
+def best_member(archive: Any) -> int | None:
+    """The member with the highest :func:`fitness_means` (first slot on a tie), None while
+    the archive is empty; without a capacity exactly ``archive.best()``. The one pick of
+    ``best/``, ``summary.json`` and the study's ``m2n2.best``."""
+    if not archive.members:
+        return None
+    return int(archive.members[int(np.argmax(fitness_means(archive)))])
+
+
 def resume_hint(old: Any, new: dict[str, float] | None) -> str:
     """The end of the one-line refusal when a resumed study's weights differ."""
     if old is None and new is not None:
