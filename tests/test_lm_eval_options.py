@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,135 @@ def test_unknown_lm_eval_option_lists_the_accepted_ones(folder: Path) -> None:
 
     with pytest.raises(M2N2Error, match="accepted: apply_chat_template"):
         load_config(path)
+
+
+GROUP = """\
+group: tiny_pair
+task:
+  - tiny_gsm_b
+  - tiny_gsm
+aggregate_metric_list:
+  - metric: exact_match
+    aggregation: mean
+"""
+
+
+@pytest.fixture(scope="module")
+def two_folders(folder: Path) -> Path:
+    """A second task folder: a copy of tiny_gsm (as tiny_gsm_b, marked unsafe) and a group."""
+    other = folder / "more_tasks"
+    other.mkdir(exist_ok=True)
+    text = (folder / "tasks" / "gsm.yaml").read_text()
+    unsafe = text.replace("task: tiny_gsm", "task: tiny_gsm_b") + "unsafe_code: true\n"
+    (other / "gsm_b.yaml").write_text(unsafe)
+    (other / "pair.yaml").write_text(GROUP)
+    return other
+
+
+def test_lm_eval_options_as_users_write_them(folder: Path, two_folders: Path) -> None:
+    """model_args and gen_kwargs as lm-eval strings, a group over two include folders, the
+    unsafe-code flag, and the per-sample log of the best model's held-out documents."""
+    import json
+
+    from m2n2_plugin.evolve import evolve
+
+    cfg = config(
+        folder,
+        include_path=["tasks", str(two_folders)],
+        tasks=["tiny_pair"],
+        fitness_docs=3,
+        heldout_docs=2,
+        model_args="max_length=96,add_bos_token=True",
+        gen_kwargs="max_gen_toks=6,do_sample=False",
+        confirm_run_unsafe_code=True,
+    )
+    cfg["search"]["n_trials"] = 3
+    run = evolve(parse_config(cfg, base_dir=folder), progress=False)
+    assert run.lm.max_length == 96 and run.lm.add_bos_token is True
+    logged = run.study.user_attrs["m2n2.generation_settings"]
+    # The group's subtasks, in the group's order, each scored on its own documents.
+    assert list(logged) == ["tiny_gsm_b", "tiny_gsm"]
+    assert all(s["generation_kwargs"]["max_gen_toks"] == 6 for s in logged.values())
+    assert all(s["generation_kwargs"]["do_sample"] is False for s in logged.values())
+    labels = run.study.user_attrs["m2n2.fitness_labels"]
+    assert labels == [f"{t}:{i}" for t in ("tiny_gsm_b", "tiny_gsm") for i in range(3)]
+    assert run.fitness.options["confirm_run_unsafe_code"] is True
+    # lm-eval's own per-sample records of the best model's held-out documents.
+    rows = [
+        json.loads(line)
+        for line in (run.out / "heldout_samples.jsonl").read_text().split("\n")
+        if line
+    ]
+    assert [(r["task"], r["doc_id"]) for r in rows] == [
+        (t, i) for t in ("tiny_gsm_b", "tiny_gsm") for i in (3, 4)
+    ]
+    summary = json.loads((run.out / "summary.json").read_text())
+    best = summary["heldout"]["M2N2 best"]
+    for task in ("tiny_gsm_b", "tiny_gsm"):
+        scores = [r["exact_match"] for r in rows if r["task"] == task]
+        assert sum(scores) / len(scores) == pytest.approx(best[task])
+    for row in rows:
+        assert row["filter"] == "strict-match"
+        assert "####" in row["target"]  # the document's answer
+        assert isinstance(row["filtered_resps"][0], str)  # what the model answered, filtered
+        assert isinstance(row["resps"][0][0], str)  # ... and its raw generation
+
+
+def test_unsafe_task_needs_the_flag(folder: Path, two_folders: Path) -> None:
+    from m2n2_plugin.evolve import evolve
+
+    cfg = config(folder, include_path=["tasks", str(two_folders)], tasks=["tiny_gsm_b"])
+    with pytest.raises(M2N2Error, match="set fitness.confirm_run_unsafe_code: true"):
+        evolve(parse_config(cfg, base_dir=folder), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("model_args", "reason"),
+    [
+        ("peft=adapter", "'peft' cannot be used (it applies when lm-eval loads a model"),
+        ({"device": "cuda"}, "'device' cannot be used (set fitness.device"),
+        ("dtype=bfloat16", "'dtype' cannot be used (set fitness.dtype"),
+        ("max_lenght=5", "'max_lenght' cannot be used (not an lm-eval HFLM option"),
+    ],
+)
+def test_model_args_refused_by_name(folder: Path, model_args: object, reason: str) -> None:
+    from m2n2_plugin.evolve import evolve
+
+    cfg = config(folder, model_args=model_args)
+    with pytest.raises(M2N2Error, match=re.escape(f"fitness.model_args: {reason}")):
+        evolve(parse_config(cfg, base_dir=folder), progress=False)
+    assert not (folder / cfg["output_dir"]).exists()
+
+
+def test_benchmark_test_split_warning(
+    folder: Path, two_folders: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fitness documents from gsm8k's test split: said at start, in the card and summary."""
+    import json
+    import logging
+
+    from m2n2_plugin.evolve import evolve
+
+    bench = folder / "bench_tasks"
+    bench.mkdir(exist_ok=True)
+    text = (folder / "tasks" / "gsm.yaml").read_text()
+    (bench / "gsm8k_local.yaml").write_text(text.replace("task: tiny_gsm", "task: gsm8k_local"))
+    cfg = config(folder, include_path=[str(bench)], tasks=["gsm8k_local"], fitness_docs=3)
+    cfg["search"]["n_trials"] = 2
+    with caplog.at_level(logging.WARNING, logger="m2n2"):
+        run = evolve(parse_config(cfg, base_dir=folder), progress=False)
+    said = [r.getMessage() for r in caplog.records if "well-known benchmark" in r.getMessage()]
+    assert len(said) == 1
+    assert "gsm8k_local (gsm8k, split 'test')" in said[0]
+    card = (run.out / "best" / "README.md").read_text()
+    assert "**Warning:** the fitness documents come from a well-known benchmark's test" in card
+    summary = json.loads((run.out / "summary.json").read_text())
+    assert summary["warnings"] == [said[0].removeprefix("m2n2: warning: ")]
+
+
+def test_no_benchmark_warning_for_own_tasks(folder: Path) -> None:
+    from m2n2_plugin.evolve import load_fitness
+    from m2n2_plugin.fitness import benchmark_warning
+
+    fitness, docs, _ = load_fitness(parse_config(config(folder), base_dir=folder))
+    assert benchmark_warning({t: fitness._loaded["tasks"][t] for t in docs.ids}) is None

@@ -28,9 +28,9 @@ from tiny_models import tiny_llama_config
 from m2n2_plugin.errors import M2N2ConfigError
 from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.layout import ModelLayout
-from m2n2_plugin.layout import architecture_tensor_names
 from m2n2_plugin.layout import layout_for_state_dict
 from m2n2_plugin.layout import tensor_layout
+from m2n2_plugin.merge_inputs import architecture_tensor_names
 from m2n2_plugin.merge_method import m2n2_merge_method
 from m2n2_plugin.merge_method import m2n2_merge_state_dicts
 

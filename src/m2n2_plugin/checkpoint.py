@@ -129,12 +129,46 @@ _SAFETENSORS_DTYPES = {
     "F8_E5M2": torch.float8_e5m2,
 }
 # Squared norms of parent tensors, per file version: (device, inode, size, mtime) -> {(tensor,
-# dtype read as): |x|^2}. Archive files are written once under a fresh name and never changed,
-# so a member merged again (it is a parent many times) needs only the <a, b> pass. The oldest
-# files' entries go first beyond _NORM_FILES (a few hundred floats per file).
-_NORM_CACHE: OrderedDict[tuple[int, ...], dict[tuple[str, torch.dtype], float]] = OrderedDict()
+# dtype read as, device type): |x|^2}. Archive files are written once under a fresh name and
+# never changed, so a member merged again (it is a parent many times) needs only the <a, b>
+# pass. The oldest files' entries go first beyond _NORM_FILES (a few hundred floats per file).
+_NORM_CACHE: OrderedDict[tuple[int, ...], dict[tuple[str, torch.dtype, str], float]]
+_NORM_CACHE = OrderedDict()
 _NORM_FILES = 256
 _NORM_LOCK = threading.Lock()
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], fd: int) -> None:
+    """Write ``tensors`` (any device) as a safetensors file to ``fd``, one tensor at a time.
+
+    ``safetensors.torch.save_file`` needs every tensor in host memory at once: for a model on a
+    GPU that is a whole model of host RSS per saved child. Here the header is written from the
+    shapes, then each tensor is copied to the host and written, so the host holds one tensor.
+    Readers (ours, safetensors, transformers) accept the layout: tensors in the given order,
+    an 8-byte aligned header padded with spaces, ``{"format": "pt"}`` metadata.
+    """
+    codes = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in codes:
+            raise M2N2Error(f"tensor {name!r}: dtype {tensor.dtype} cannot be saved")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": codes[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    os.write(fd, struct.pack("<Q", len(text)) + text)
+    for tensor in tensors.values():
+        host = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+        view = memoryview(host.numpy()).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,6 +211,8 @@ class Checkpoint:
         path: str | os.PathLike[str],
         io: IO = "read",
         scratch: dict[torch.dtype, torch.Tensor] | None = None,
+        *,
+        pin_memory: bool = False,
     ) -> None:
         if io not in ("read", "mmap"):
             raise ValueError(f"io must be 'read' or 'mmap', got {io!r}")
@@ -196,6 +232,9 @@ class Checkpoint:
         self._mapped: dict[int, Any] = {}
         # dtype -> byte buffer for ``reuse`` reads; the caller may lend one that outlives us.
         self._scratch = {} if scratch is None else scratch
+        # Page-locked scratch buffers when tensors go on to a GPU: a copy from pageable memory
+        # is staged through a driver buffer (about half the bandwidth).
+        self._pin = pin_memory
         try:
             for index, file in enumerate(self.files):
                 try:
@@ -285,7 +324,8 @@ class Checkpoint:
             storage = self._scratch.get(entry.dtype)
             if storage is None or storage.numel() < entry.numel:
                 size = max(e.numel for e in self.entries.values() if e.dtype == entry.dtype)
-                storage = self._scratch[entry.dtype] = torch.empty(size, dtype=entry.dtype)
+                storage = torch.empty(size, dtype=entry.dtype, pin_memory=self._pin)
+                self._scratch[entry.dtype] = storage
             dest = storage[: entry.numel].view(entry.shape)
         self._read_into(entry, dest)
         return dest
@@ -297,13 +337,16 @@ class Checkpoint:
         dtype: torch.dtype | None = None,
         out: torch.Tensor | None = None,
         reuse: bool = False,
+        device: torch.device | None = None,
     ) -> torch.Tensor:
         """Tensor ``name``, cast to ``dtype`` if given.
 
-        With ``out`` the value is written into ``out`` (cast to its dtype) and ``out`` returned;
-        when ``out`` already has the stored dtype the bytes are read straight into it. Without
-        ``out``, with ``reuse`` it may live in a scratch buffer that the next ``reuse`` read
-        overwrites.
+        With ``out`` the value is written into ``out`` (cast to its dtype; on ``out``'s device)
+        and ``out`` returned; when ``out`` is a CPU tensor of the stored dtype the bytes are read
+        straight into it. Without ``out``, with ``reuse`` it may live in a scratch buffer that
+        the next ``reuse`` read overwrites. ``device`` (without ``out``): the tensor is copied
+        there as stored, then cast there, so only one tensor's bytes pass through host memory
+        (the scratch buffer) and the cast runs on the device.
         """
         entry = self.entries.get(name)
         if entry is None:
@@ -319,6 +362,11 @@ class Checkpoint:
                 self._read_into(entry, out)
                 return out
         raw = self._raw(name, entry, reuse=reuse or out is not None)
+        where = out.device if out is not None else device
+        if where is not None and where.type != "cpu":
+            # Host -> device as stored (the scratch may be reused as soon as this returns:
+            # the copy is synchronous), then the cast on the device.
+            raw = raw.to(where)
         value = raw if raw.dtype == target else raw.to(target)
         if out is None:
             return value
@@ -329,7 +377,9 @@ class Checkpoint:
         """``kernel.squared_norm(value)`` for ``value`` = tensor ``name`` as read from this
         checkpoint (in ``value``'s dtype), remembered for this version of the file."""
         version = self._versions[self.entries[name].file]
-        key = (name, value.dtype)
+        # The device is part of the key: a GPU sums in another order (other last bits), and a
+        # CPU merge must give the same bits whatever ran before it in the process.
+        key = (name, value.dtype, value.device.type)
         with _NORM_LOCK:
             known = _NORM_CACHE.get(version, {}).get(key)
         if known is not None:

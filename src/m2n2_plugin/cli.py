@@ -21,6 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("-o", "--output-dir", help="output folder (default: output_dir in config)")
     ev.add_argument("-n", "--n-trials", type=int, help="total trials (overrides search.n_trials)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument(
+        "--device",
+        help="cpu, cuda, cuda:N or mps (overrides fitness.device: one GPU per worker)",
+    )
     ex = sub.add_parser("example", help="build the tiny built-in example and evolve it")
     ex.add_argument("folder", nargs="?", default="m2n2-example", help="where to build it")
     ex.add_argument("-n", "--n-trials", type=int, help="trials (default: the example's)")
@@ -76,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 output_dir=args.output_dir,
                 n_trials=args.n_trials,
                 progress=not args.no_progress,
+                device=args.device,
             )
         print("\n".join(_summary_lines(run)))
         return 0

@@ -61,7 +61,7 @@ class FitnessConfig(BaseModel):
     tasks: list[str] = Field(min_length=1)
     metric: str
     filter: str | None = None
-    include_path: str | None = None
+    include_path: str | list[str] | None = None  # one folder or several
     include_defaults: bool | None = None
     fitness_docs: DocSpec
     heldout_docs: DocSpec | None = None
@@ -80,7 +80,12 @@ class FitnessConfig(BaseModel):
     # models and when several workers share a machine (threads oversubscribe the cores).
     num_threads: int | None = Field(default=None, ge=1, le=MAX_THREADS)
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
-    gen_kwargs: dict[str, Any] | None = None
+    gen_kwargs: dict[str, Any] | str | None = None  # a mapping or lm-eval's "k=v,k=v"
+    # HFLM options that act on an in-memory model (max_length, add_bos_token, ...), as a
+    # mapping or lm-eval's "k=v,k=v"; others are refused by name (fitness.hflm_model_args).
+    model_args: dict[str, Any] | str | None = None
+    # lm-eval's flag for tasks that run the model's generated code (humaneval, mbpp...).
+    confirm_run_unsafe_code: bool = False
     apply_chat_template: bool | str = False
     system_instruction: str | None = None
     fewshot_as_multiturn: bool = False
@@ -104,6 +109,13 @@ class FitnessConfig(BaseModel):
                     f"names task {unknown[0]!r}, which is not in fitness.tasks ({known})"
                 )
         return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        from m2n2_plugin.devices import check_device_name
+
+        return check_device_name(v)
 
     @field_validator("fitness_docs")
     @classmethod

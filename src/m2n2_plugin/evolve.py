@@ -10,22 +10,16 @@ One trial = one child::
 
 The Optuna study (SQLite in the output folder by default) is the state: rerunning the same
 command resumes it. Archive members that are children live in ``<out>/archive/`` as
-safetensors (written atomically, deleted when evicted); seeds stay where they are.
+safetensors (written atomically, deleted when evicted); seeds stay where they are. What a run
+holds between trials (the study, the members' files, the outputs) is :mod:`m2n2_plugin.run_state`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import random
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from dataclasses import field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +28,28 @@ import optuna
 import torch
 
 from m2n2_plugin import tracking
-from m2n2_plugin.checkpoint import checkpoint_shapes
 from m2n2_plugin.config import EvolveConfig
 from m2n2_plugin.config import load_config
 from m2n2_plugin.config import load_yaml
+from m2n2_plugin.devices import resolve_device
 from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.fitness import DocSet
 from m2n2_plugin.fitness import LmEvalFitness
+from m2n2_plugin.fitness import benchmark_warning
+from m2n2_plugin.fitness import hflm_model_args
 from m2n2_plugin.fitness import resolve_doc_ids
 from m2n2_plugin.layout import Architecture
-from m2n2_plugin.models import Seed
 from m2n2_plugin.models import check_compatible
 from m2n2_plugin.models import check_tokenizers
 from m2n2_plugin.models import seeds_from_mergekit
-from m2n2_plugin.report import Settings
-from m2n2_plugin.report import write_outputs
+from m2n2_plugin.run_state import DONE_STATES
+from m2n2_plugin.run_state import RunState
+from m2n2_plugin.run_state import TrialTiming
+from m2n2_plugin.run_state import count_done
+from m2n2_plugin.run_state import fingerprint
+from m2n2_plugin.run_state import open_study
+from m2n2_plugin.run_state import output_folder
+from m2n2_plugin.run_state import write_error
 from m2n2_plugin.weights import FINGERPRINT_KEY
 from m2n2_plugin.weights import STUDY_ATTR
 from m2n2_plugin.weights import FitnessWeights
@@ -57,7 +58,6 @@ from m2n2_plugin.workers import MemberEvicted
 from m2n2_plugin.workers import fail_dead_trials
 from m2n2_plugin.workers import fold_up_to
 from m2n2_plugin.workers import member_file
-from m2n2_plugin.workers import sync_files
 from m2n2_plugin.workers import write_outputs_locked
 
 LOG = logging.getLogger("m2n2")
@@ -94,120 +94,8 @@ def checked_scores(number: int, scores: Any, n: int) -> np.ndarray:
     return vector
 
 
-def write_error(path: Path, exc: OSError) -> M2N2Error:
-    """The one line for a write that failed (no space left, a quota, a read-only mount).
-
-    Writes are atomic (a temp file renamed into place), so what was there before is intact
-    and the study does not count the trial: freeing space and rerunning resumes the run.
-    """
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    return M2N2Error(
-        f"cannot write {path} ({reason}); nothing already written was changed: free space "
-        "(or fix the folder) and rerun the same command to resume"
-    )
-
-
-@dataclass
-class TrialTiming:
-    """Seconds spent per phase of one trial (also stored in the trial's user attrs)."""
-
-    merge: float = 0.0
-    load: float = 0.0
-    evaluate: float = 0.0
-    save: float = 0.0
-    sampler: float = 0.0
-    # Waiting for the trials numbered below this one to finish (several workers; Run.admit).
-    wait: float = 0.0
-
-
-@dataclass
-class Run:
-    """Everything one ``m2n2 evolve`` process holds: config, seeds, study, resident model."""
-
-    cfg: EvolveConfig
-    out: Path
-    seeds: list[Seed]
-    carried: dict[str, Any]
-    fitness: LmEvalFitness
-    fitness_docs: DocSet
-    heldout_docs: DocSet
-    study: optuna.Study
-    sampler: Any
-    model: Any
-    tokenizer: Any
-    lm: Any
-    merge_dtype: torch.dtype | None
-    out_dtype: torch.dtype | None
-    timings: dict[int, TrialTiming] = field(default_factory=dict)
-    #: The model's architecture (tensor order, layers), built once by ``prepare``: every
-    #: merge of the run plans its pair of parents against it.
-    arch: Architecture | None = None
-    #: The fitness documents' weights (weights.py); None: every document the same.
-    fitness_weights: FitnessWeights | None = None
-
-    # ----------------------------------------------------------------- archive helpers
-    def trial_attrs(self, number: int) -> dict[str, Any]:
-        storage = self.study._storage
-        tid = storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
-        return storage.get_trial(tid).user_attrs
-
-    def member_path(self, number: int, attrs: dict[str, Any] | None = None) -> Path:
-        """Where archive member ``number``'s weights are: a seed's folder, or our file."""
-        attrs = self.trial_attrs(number) if attrs is None else attrs
-        if "m2n2.seed" in attrs:
-            return self.seeds[int(attrs["m2n2.seed"])].path
-        path = member_file(self.out, number)
-        if not path.is_file():
-            arch = self.sampler.archive(self.study)
-            if number < arch.position and number not in arch.members:
-                raise MemberEvicted(
-                    f"archive member trial {number} left the archive before its weights "
-                    "were read (another worker evicted it); this trial fails, the run goes on"
-                )
-            raise M2N2Error(
-                f"archive member trial {number} has no file {path}: the output folder and the "
-                "study disagree (was the folder edited, or another storage used?)"
-            )
-        return path
-
-    def check_member_files(self) -> None:
-        """At start: every child in the archive still has a whole, readable weights file.
-
-        The study records which trials are members; their weights live only in the output
-        folder. A file deleted or truncated between two runs (a full disk, a manual clean-up)
-        would otherwise surface trials later as a failed merge, or never, if the member is
-        not drawn. Only headers are read: cheap for any archive size.
-        """
-        for number in self.sampler.archive(self.study).members:
-            if "m2n2.seed" in self.trial_attrs(number):
-                continue
-            path = member_file(self.out, number)
-            try:
-                checkpoint_shapes(path)
-            except M2N2Error as exc:
-                if number not in self.sampler.archive(self.study).members:
-                    continue  # another worker evicted it (and deleted its file) meanwhile
-                raise M2N2Error(
-                    f"archive member trial {number}: {exc}; restore that file (e.g. from a "
-                    "backup), or start a new run with another output_dir: the study needs the "
-                    "weights of every archive member"
-                ) from exc
-
-    def load_seed(self, index: int) -> None:
-        """Put seed ``index`` into the resident model, one tensor at a time (``dtype`` applied)."""
-        from m2n2_plugin.resident import load_checkpoint_into_model
-
-        load_checkpoint_into_model(self.model, self.seeds[index].path, dtype=self.merge_dtype)
-
-    def load_member(self, number: int) -> None:
-        """Put archive member ``number`` into the resident model (a seed, or our file)."""
-        from m2n2_plugin.resident import load_checkpoint_into_model
-
-        attrs = self.trial_attrs(number)
-        if "m2n2.seed" in attrs:
-            self.load_seed(int(attrs["m2n2.seed"]))
-        else:
-            load_checkpoint_into_model(self.model, self.member_path(number, attrs))
+class Run(RunState):
+    """One ``m2n2 evolve`` process: its state (:class:`RunState`) and the trial."""
 
     # ----------------------------------------------------------------- one trial
     def objective(self, trial: optuna.Trial) -> float:
@@ -369,148 +257,6 @@ class Run:
                 raise optuna.TrialPruned(f"cannot enter the archive ({done}/{n} documents)")
         return scores
 
-    # ----------------------------------------------------------------- bookkeeping
-    def sync_files(self) -> Any:
-        """Delete archive files nobody needs any more (:func:`workers.sync_files`)."""
-        return sync_files(self.study, self.sampler, self.out)
-
-    def write_outputs(self) -> dict[str, Any]:
-        """The report (:func:`report.write_outputs`) of this run's final archive."""
-        trials = {t.number: t for t in self.study.get_trials(deepcopy=False)}
-        settings = Settings(
-            study_name=self.study.study_name,
-            archive_size=self.cfg.search.archive_size,
-            tasks=self.cfg.fitness.tasks,
-            metric=self.cfg.fitness.metric,
-            granularity=self.cfg.search.granularity,
-            n_fitness_docs=len(self.fitness_docs),
-            heldout_tasks=list(self.heldout_docs.ids),
-            n_heldout_docs=len(self.heldout_docs),
-            carried=self.carried,
-            fitness_weights=self.fitness_weights.describe() if self.fitness_weights else "",
-        )
-        return write_outputs(
-            self.out,
-            self.sampler.archive(self.study),
-            trials,
-            self.seeds,
-            settings,
-            heldout=self.heldout,
-            save_model=self.save_member,
-        )
-
-    def heldout(self, best: int) -> dict[str, dict[str, float]]:
-        """Held-out task means of the best member and of every seed ({} without documents)."""
-        if not len(self.heldout_docs):
-            return {}
-        scores = {
-            "M2N2 best": self.heldout_scores(partial(self.load_member, best), f"trial:{best}")
-        }
-        for i, s in enumerate(self.seeds):
-            scores[f"seed {s.name}"] = self.heldout_scores(partial(self.load_seed, i), f"seed:{i}")
-        return scores
-
-    def heldout_scores(self, load: Callable[[], None], key: str) -> dict[str, float]:
-        """Mean held-out score per task of the model ``load()`` puts in place (cached under
-        ``key`` in the study, so a resumed run does not evaluate it again)."""
-        cache = dict(self.study.user_attrs.get("m2n2.heldout", {}))
-        if key not in cache:
-            load()
-            scores = self.fitness.score(self.lm, self.heldout_docs)
-            cache[key] = self.heldout_docs.task_means(scores)
-            self.study.set_user_attr("m2n2.heldout", cache)
-        return cache[key]
-
-    def save_member(self, number: int, folder: Path) -> None:
-        """Write archive member ``number`` as a Hugging Face model folder."""
-        self.load_member(number)
-        self.model.save_pretrained(folder, safe_serialization=True)
-        self.tokenizer.save_pretrained(folder)
-
-
-def _fingerprint(cfg: EvolveConfig, seeds: list[Seed], fitness: DocSet) -> dict[str, Any]:
-    """What must not change between a run and its resumption."""
-    # Settings that do not change the archive may differ between a run and its resumption.
-    search = cfg.search.model_dump(
-        exclude={
-            "n_trials",
-            "storage",
-            "heartbeat_interval",
-            "early_rejection",
-            "rejection_chunk",
-            "tracking",
-            "tracking_uri",
-        }
-    )
-    return {
-        "seeds": [str(s.path) for s in seeds],
-        "tasks": cfg.fitness.tasks,
-        "metric": cfg.fitness.metric,
-        "filter": cfg.fitness.filter,
-        "fitness_docs": hashlib.sha1(json.dumps(fitness.ids).encode()).hexdigest(),
-        "search": search,
-    }
-
-
-def _rdb_storage(url: str, heartbeat_interval: int | None) -> optuna.storages.RDBStorage:
-    """``RDBStorage(url)``, retried while another worker creates the same tables.
-
-    Optuna creates its schema when a storage is first opened; workers that start together on
-    a new database race to do it, and all but one fail on a duplicate table, type or alembic
-    row (optuna/optuna#1092). A retry finds the schema made. Any other error (a server that
-    cannot be reached, a bad URL) is raised at once.
-    """
-    from sqlalchemy.exc import IntegrityError
-    from sqlalchemy.exc import OperationalError
-    from sqlalchemy.exc import ProgrammingError
-
-    for attempt in range(6):
-        try:
-            with warnings.catch_warnings():
-                # heartbeat_interval is "experimental" in Optuna: noise on every start.
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
-                    url,
-                    heartbeat_interval=heartbeat_interval,
-                    grace_period=None if heartbeat_interval is None else 2 * heartbeat_interval,
-                    engine_kwargs={"connect_args": {"timeout": 60}}
-                    if url.startswith("sqlite")
-                    else None,
-                )
-        except (IntegrityError, ProgrammingError, OperationalError) as exc:
-            racing = not isinstance(exc, OperationalError) or "already exists" in str(exc)
-            if not racing or attempt == 5:
-                raise
-            time.sleep(0.1 * (attempt + 1) + 0.1 * random.random())
-    raise AssertionError("unreachable")
-
-
-def _open_study(cfg: EvolveConfig, out: Path, sampler: Any) -> optuna.Study:
-    url = cfg.search.storage or f"sqlite:///{out / 'study.db'}"
-    try:
-        storage = _rdb_storage(url, cfg.search.heartbeat_interval)
-        return optuna.create_study(
-            storage=storage,
-            study_name=cfg.search.study_name,
-            sampler=sampler,
-            direction="maximize",
-            load_if_exists=True,
-        )
-    except M2N2Error:
-        raise
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise M2N2Error(f"cannot open the Optuna storage {url!r}: {first}") from exc
-
-
-def output_folder(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Path:
-    """The run's output folder: ``output_dir`` (relative to the working directory), else the
-    config's ``output_dir`` (relative to the config file)."""
-    out = Path(output_dir or cfg.output_dir or "m2n2-out")
-    if not out.is_absolute():
-        out = (Path.cwd() / out) if output_dir else cfg.resolve(str(out))
-    return out
-
 
 def _prepare_or_clean(cfg: EvolveConfig, output_dir: str | Path | None) -> Run:
     """``prepare``; if it fails after creating the output folder, remove that folder again.
@@ -564,23 +310,28 @@ def load_fitness(cfg: EvolveConfig) -> tuple[LmEvalFitness, DocSet, DocSet]:
     document that is also a fitness document is an error.
     """
     fc = cfg.fitness
+    paths = [fc.include_path] if isinstance(fc.include_path, str) else fc.include_path or []
     fitness = LmEvalFitness(
         fc.tasks,
         metric=fc.metric,
         filter=fc.filter,
-        include_path=str(cfg.resolve(fc.include_path)) if fc.include_path else None,
+        include_path=[str(cfg.resolve(p)) for p in paths] or None,
         include_defaults=fc.include_defaults,
         num_fewshot=fc.num_fewshot,
         gen_kwargs=fc.gen_kwargs,
         apply_chat_template=fc.apply_chat_template,
         system_instruction=fc.system_instruction,
         fewshot_as_multiturn=fc.fewshot_as_multiturn,
+        confirm_run_unsafe_code=fc.confirm_run_unsafe_code,
     )
-    fit_ids = resolve_doc_ids(fc.fitness_docs, fc.tasks, fitness.sizes, "fitness")
+    # Groups in fc.tasks stand for their subtasks: documents are chosen per subtask.
+    fit_ids = resolve_doc_ids(fc.fitness_docs, fitness.tasks, fitness.sizes, "fitness")
     if not fit_ids:
         raise M2N2Error("the fitness set is empty")
     ends = {t: (max(ids) + 1 if ids else 0) for t, ids in fit_ids.items()}
-    held_ids = resolve_doc_ids(fc.heldout_docs, fc.tasks, fitness.sizes, "heldout", start=ends)
+    held_ids = resolve_doc_ids(
+        fc.heldout_docs, fitness.tasks, fitness.sizes, "heldout", start=ends
+    )
     for task, ids in held_ids.items():
         overlap = set(ids) & set(fit_ids.get(task, []))
         if overlap:
@@ -593,11 +344,14 @@ def load_fitness(cfg: EvolveConfig) -> tuple[LmEvalFitness, DocSet, DocSet]:
 def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     """Validate everything that can be checked before the first trial, then open the study."""
     from transformers import AutoConfig
-    from transformers import AutoModelForCausalLM
     from transformers import AutoTokenizer
 
     from m2n2_plugin.hub import M2N2Sampler
+    from m2n2_plugin.resident import build_resident_model
 
+    # First, before anything is read or written: a device this machine does not have.
+    device = resolve_device(cfg.fitness.device)
+    model_args = hflm_model_args(cfg.fitness.model_args)
     out = output_folder(cfg, output_dir)
 
     # Seeds: an existing mergekit config, used as-is.
@@ -620,7 +374,7 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     if fc.num_threads is not None:
         torch.set_num_threads(fc.num_threads)
     fitness, fitness_docs, heldout_docs = load_fitness(cfg)
-    weights = FitnessWeights.from_config(fc.weighting, fc.task_weights, fitness_docs)
+    weights = FitnessWeights.from_config(fc.weighting, fc.task_weights, fitness_docs, fitness)
 
     # The output folder and the study.
     try:
@@ -639,8 +393,8 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         seed=cfg.search.seed,
         capacity=weights.capacity,
     )
-    study = _open_study(cfg, out, sampler)
-    fp = _fingerprint(cfg, seeds, fitness_docs)
+    study = open_study(cfg, out, sampler)
+    fp = fingerprint(cfg, seeds, fitness_docs)
     if weights.capacity is not None:  # absent when uniform: as in studies made before it
         fp[FINGERPRINT_KEY] = weights.fingerprint()
     old = study.user_attrs.get("m2n2.fingerprint")
@@ -651,6 +405,11 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         study.set_user_attr("m2n2.generation_settings", fitness.generation_settings())
         study.set_user_attr("m2n2.seeds", [[s.name, str(s.path)] for s in seeds])
         study.set_user_attr(STUDY_ATTR, weights.to_json())
+        # Said once at start (below) and carried into the model card (report.Settings).
+        warning = benchmark_warning({t: fitness._loaded["tasks"][t] for t in fitness_docs.ids})
+        study.set_user_attr("m2n2.benchmark_warning", warning)
+        if warning:
+            LOG.warning("m2n2: warning: %s", warning)
     elif old != fp:
         changed = next((k for k in fp if fp[k] != old.get(k)), FINGERPRINT_KEY)
         hint = resume_hint(old.get(changed), fp.get(changed)) if changed == FINGERPRINT_KEY else ""
@@ -666,12 +425,22 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     tok_path = tok_src if tok_src not in (None, "base", "union") else None
     tok_path = tok_path or carried.get("base_model") or str(seeds[0].path)
     hf_config = AutoConfig.from_pretrained(seeds[0].path)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=eval_dtype)
-    model.eval()
+    merge_dtype = DTYPES.get(carried.get("dtype", ""))
+    # On the device, no random init, holding the first seed (evaluated first anyway).
+    model = build_resident_model(
+        hf_config, seeds[0].path, dtype=eval_dtype, device=device, weights_dtype=merge_dtype
+    )
     tokenizer = AutoTokenizer.from_pretrained(tok_path)
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=fc.batch_size, device=fc.device)
+    # HFLM keeps a model object where it is (it reads ``model.device``): hence the build above.
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=fc.batch_size,
+        device=str(device),
+        **model_args,
+    )
     run = Run(
         cfg=cfg,
         out=out,
@@ -685,7 +454,7 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         model=lm.model,
         tokenizer=tokenizer,
         lm=lm,
-        merge_dtype=DTYPES.get(carried.get("dtype", "")),
+        merge_dtype=merge_dtype,
         out_dtype=DTYPES.get(carried.get("out_dtype") or carried.get("dtype", "")),
         arch=Architecture.for_config(hf_config),
         fitness_weights=weights,
@@ -693,11 +462,16 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     return run
 
 
-_DONE_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+def with_device(cfg: EvolveConfig, device: str) -> EvolveConfig:
+    """``cfg`` with ``fitness.device`` replaced (spelling checked as the config checks it)."""
+    from m2n2_plugin.devices import check_device_name
 
-
-def _count_done(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=_DONE_STATES))
+    try:
+        check_device_name(device)
+    except ValueError as exc:
+        raise M2N2Error(f"--device: {exc}") from exc
+    fitness = cfg.fitness.model_copy(update={"device": device})
+    return cfg.model_copy(update={"fitness": fitness})
 
 
 def evolve(
@@ -706,15 +480,20 @@ def evolve(
     n_trials: int | None = None,
     progress: bool = True,
     on_trial: Callable[[Run, optuna.trial.FrozenTrial], None] | None = None,
+    device: str | None = None,
 ) -> Run:
     """Run (or resume) an M2N2 evolution; returns the :class:`Run` after writing the outputs.
 
     ``n_trials`` overrides ``search.n_trials``: the study's total number of finished trials,
-    so rerunning after an interruption runs only what is missing.
+    so rerunning after an interruption runs only what is missing. ``device`` overrides
+    ``fitness.device`` (``m2n2 evolve --device``): workers of one study on one machine can
+    each take their own GPU; the device is not part of the study's fingerprint.
     """
     from tqdm.auto import tqdm
 
     cfg = config if isinstance(config, EvolveConfig) else load_config(config)
+    if device is not None:
+        cfg = with_device(cfg, device)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     optimize_log = logging.getLogger("optuna.study._optimize")
     if not any(isinstance(f, _OneLineErrors) for f in optimize_log.filters):
@@ -728,8 +507,7 @@ def evolve(
     run.check_member_files()
     tracker = tracking.start(cfg, run.study, run.out, lambda: run.sampler.archive(run.study))
     total = n_trials or cfg.search.n_trials
-    done = _count_done(run.study)
-    log_path = run.out / "trials.log"
+    done = count_done(run.study)
     bar = tqdm(
         total=total,
         initial=min(done, total),
@@ -741,45 +519,10 @@ def evolve(
 
     def after(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         arch = run.sync_files()
+        line = run.log_trial(frozen, arch)
         means = arch.mean_scores if len(arch) else np.zeros(1)
-        coverage = arch.coverage
-        attrs = frozen.user_attrs
-        if "m2n2.seed" in attrs:
-            what = f"seed {attrs['m2n2.model']}"
-        elif "m2n2.parents" in attrs:
-            a, b = attrs["m2n2.parents"]
-            p = frozen.params
-            what = (
-                f"child of {a} x {b} (mix_ratio={p['mix_ratio']:.3f}, "
-                f"split_point={p['split_point']:.3f})"
-            )
-        else:
-            what = "trial"
-        if frozen.state == optuna.trial.TrialState.PRUNED:
-            n_docs = attrs.get("m2n2.docs_evaluated", "?")
-            value = f"rejected early after {n_docs}/{len(run.fitness_docs)} documents"
-        elif frozen.value is None:
-            value = "failed"
-        else:
-            value = f"mean score {frozen.value:.4f}"
-        status = "in archive" if frozen.number in arch.members else "not kept"
-        line = f"trial {frozen.number}: {what}: {value}, {status}"
-        record = {
-            "trial": frozen.number,
-            "value": frozen.value,
-            "archive_best": float(means.max()),
-            "archive_mean": float(means.mean()),
-            "coverage": coverage,
-            "members": arch.members,
-        }
-        for path, text in ((log_path, line), (run.out / "history.jsonl", json.dumps(record))):
-            try:
-                with path.open("a") as fh:
-                    fh.write(text + "\n")
-            except OSError as exc:
-                raise write_error(path, exc) from exc
         bar.update(1)
-        bar.set_postfix(best=f"{means.max():.3f}", coverage=f"{coverage:.3f}")
+        bar.set_postfix(best=f"{means.max():.3f}", coverage=f"{arch.coverage:.3f}")
         if progress:
             bar.write(line)
         if on_trial is not None:
@@ -788,7 +531,7 @@ def evolve(
     remaining = max(0, total - done)
     # ``total`` is the study's budget, shared by every worker: each stops once the study has
     # that many finished trials (trials already running elsewhere still finish).
-    budget = optuna.study.MaxTrialsCallback(total, states=_DONE_STATES)
+    budget = optuna.study.MaxTrialsCallback(total, states=DONE_STATES)
     try:
         if remaining:
             run.study.optimize(

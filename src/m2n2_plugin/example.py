@@ -47,6 +47,9 @@ THRESHOLD = 0.95
 BASE_THRESHOLD = 0.9
 CHECK_EVERY = 25
 BATCH = 64
+#: Learning rates of the base and of the specialists (AdamW, gradients clipped at 1.0).
+BASE_LR = 3e-3
+SPECIALIST_LR = 1e-3
 MAX_STEPS = 600
 ATTEMPTS = 5
 #: Width of the example's models (see :func:`build_model` for why GPT-2).
@@ -311,7 +314,7 @@ def _train_once(
         {"copy": dev["copy"]},
         "copy",
         seed=seed,
-        lr=3e-3,
+        lr=BASE_LR,
         threshold=BASE_THRESHOLD,
         max_steps=MAX_STEPS,
         what="base model",
@@ -326,7 +329,7 @@ def _train_once(
             {s: dev[s] for s in SKILLS},
             skill,
             seed=seed * 100 + i + 1,
-            lr=1e-3,
+            lr=SPECIALIST_LR,
             threshold=THRESHOLD,
             max_steps=MAX_STEPS,
             what=f"{skill} specialist",

@@ -112,6 +112,22 @@ def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     work = compute_dtype(a.dtype)
     x = a.reshape(-1)
     y = b.reshape(-1)
+    if x.device.type == "mps":  # no float64 on Apple GPUs: float32 per block, float64 here
+        total = 0.0
+        for lo in range(0, x.numel(), SUM_BLOCK):
+            xs = x[lo : lo + SUM_BLOCK].to(work)
+            total += float(torch.sum(xs * y[lo : lo + SUM_BLOCK].to(work)))
+        return total
+    if x.device.type != "cpu":
+        # On a GPU the blocks' float64 sums stay there and are read back once: a ``float()``
+        # per block would wait for the device every 2^20 elements. (A GPU reduces in its own
+        # order, so the last bits differ from the CPU's; each device is deterministic.)
+        acc = torch.zeros((), dtype=torch.float64, device=x.device)
+        for lo in range(0, x.numel(), SUM_BLOCK):
+            xs = x[lo : lo + SUM_BLOCK].to(work)
+            ys = y[lo : lo + SUM_BLOCK].to(work)
+            acc += torch.sum(xs * ys, dtype=torch.float64)
+        return float(acc)
     total = 0.0
     for lo in range(0, x.numel(), SUM_BLOCK):
         xs = x[lo : lo + SUM_BLOCK].to(work)

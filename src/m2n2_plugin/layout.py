@@ -4,10 +4,10 @@ M2N2 cuts a model's parameters at ONE global index, so every merge path (``merge
 state dicts in memory, the resident merge of ``m2n2 evolve``) needs the same answer to "which
 tensors count, in which order, how big". It is computed here from ``{name: shape}`` (safetensors
 headers via :func:`m2n2_plugin.checkpoint.read_header`, a state dict, or a mergekit model
-reference) and mergekit's architecture (:class:`Architecture`, the costly part: build it once),
-in the order mergekit writes tensors: pre-weights (embeddings), layers ``0 .. N-1``,
-post-weights (final norm, ``lm_head``), each tensor flattened row-major. :func:`plan_pair`
-checks that two parents can be merged and returns the :class:`PairPlan`.
+reference: :mod:`m2n2_plugin.merge_inputs`) and mergekit's architecture (:class:`Architecture`,
+the costly part: build it once), in the order mergekit writes tensors: pre-weights (embeddings),
+layers ``0 .. N-1``, post-weights (final norm, ``lm_head``), each tensor flattened row-major.
+:func:`plan_pair` checks that two parents can be merged and returns the :class:`PairPlan`.
 
 Counting rules, so that every path counts the same parameters: a tensor counts if mergekit
 writes it (a weight of the architecture found in parent A under its name or an alias); an absent
@@ -21,7 +21,6 @@ tokenizer alignment is counted with parent A's shape, a split inside it at the s
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from collections.abc import Callable
 from collections.abc import Collection
@@ -30,11 +29,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
 
-from m2n2_plugin.checkpoint import checkpoint_shapes
 from m2n2_plugin.errors import M2N2ConfigError
 from m2n2_plugin.kernel import check_granularity
 from m2n2_plugin.kernel import split_index
@@ -261,109 +258,6 @@ def ties_embeddings(config: PretrainedConfig) -> bool:
     return bool(value)
 
 
-def architecture_tensor_names(
-    config: PretrainedConfig | str | os.PathLike[str],
-    available: Collection[str] | None = None,
-) -> list[str]:
-    """The tensor names of a model in the architecture's order, as ``m2n2`` counts them.
-
-    Args:
-        config: a transformers config, or a model directory (or hub id, read through mergekit)
-            whose checkpoint then decides which optional weights exist.
-        available: the keys of a checkpoint or state dict, to drop absent optional weights and
-            resolve aliases. Without it (and with a config), all weights are listed except an
-            optional tied weight when the config ties word embeddings.
-    """
-    if isinstance(config, (str, os.PathLike)):
-        from mergekit.common import ModelReference
-
-        reference = ModelReference.parse(os.fspath(config))
-        return layout_for_model(reference).names
-    segments = architecture_segments(architecture_for_config(config), config)
-    if available is None:
-        tie = ties_embeddings(config)
-        names: list[str] = []
-        for segment in segments:
-            for weight in segment.weights:
-                if not (weight.optional and weight.tied_names and tie):
-                    names.append(weight.name)
-        return names
-    slots, _ = resolve_slots(segments, available, lambda w, t: ties_embeddings(config))
-    return [slot.name for slot in slots]
-
-
-def reference_architecture(reference: Any, others: Sequence[Any] = ()) -> Architecture:
-    """The architecture of a mergekit ``ModelReference`` (through mergekit's loader cache, so
-    LoRA references and mergekit's options are honoured). ``others`` are the other models of
-    the merge, only needed to infer an architecture mergekit has no definition for."""
-    from mergekit.architecture import arch_info_for_config
-    from mergekit.io.tasks import LoaderCache
-
-    cache = LoaderCache()
-    config = reference.config(trust_remote_code=cache.trust_remote_code)
-    arch = arch_info_for_config(config)
-    if arch is None:  # no JSON definition: infer it from the checkpoints, as mergekit does
-        from mergekit.architecture.auto import infer_architecture_info
-        from mergekit.options import MergeOptions
-
-        options = MergeOptions(
-            trust_remote_code=cache.trust_remote_code,
-            transformers_cache=cache.hf_cache_dir,
-            lazy_unpickle=cache.lazy_unpickle,
-        )
-        arch = infer_architecture_info(tuple(others) or (reference,), reference, options)
-    return Architecture(tuple(architecture_segments(arch, config)), ties=False)
-
-
-def reference_parent(reference: Any, label: str) -> Parent:
-    """A mergekit ``ModelReference`` as a :class:`Parent`: shapes from the safetensors headers
-    (or the meta-loaded ``.bin`` shards), never the weights."""
-    import torch
-    from mergekit.io.tasks import LoaderCache
-    from mergekit.io.tasks import LoadTensor
-
-    index = LoaderCache().get(reference).index
-    shapes: dict[str, tuple[int, ...]] = {}
-    for shard in sorted(set(index.tensor_paths.values())):
-        path = Path(index.base_path) / shard
-        if path.name.lower().endswith(".safetensors"):
-            shapes.update(checkpoint_shapes(path))
-        else:
-            state = torch.load(path, map_location="meta", weights_only=True)
-            state = state.get("state_dict", state)
-            shapes.update((k, tuple(v.shape)) for k, v in state.items() if hasattr(v, "shape"))
-    shapes = {key: shapes[key] for key in index.tensor_paths if key in shapes}
-
-    def converted_shape(name: str) -> tuple[int, ...]:
-        # Stored under another layout (mergekit converts it on load): load it for its shape.
-        tensor = LoadTensor(model=reference, tensor=name, optional=True).execute()
-        if tensor is None:
-            raise M2N2ConfigError(f"{reference} has no tensor {name}")
-        return tuple(tensor.shape)
-
-    return Parent(
-        label, shapes, is_tied=lambda key, target: False, converted_shape=converted_shape
-    )
-
-
-def plan_references(base: Any, other: Any) -> ModelLayout:
-    """Parent A's layout for a merge of two mergekit references, after checking the pair.
-
-    Vocabulary tensors may differ along the token axis: mergekit's tokenizer alignment
-    (``tokenizer_source``) resizes them before they are merged.
-    """
-    arch = reference_architecture(base, (base, other))
-    a = reference_parent(base, f"parent A ({base})")
-    b = reference_parent(other, f"parent B ({other})")
-    return plan_pair(arch, a, b, allow_vocabulary=True).layout
-
-
-def layout_for_model(reference: Any, *, others: Sequence[Any] = ()) -> ModelLayout:
-    """The layout of a checkpoint given as a mergekit ``ModelReference``."""
-    arch = reference_architecture(reference, others)
-    return _parent_layout(arch, reference_parent(reference, str(reference)))[0]
-
-
 def _same_names(
     names_a: Sequence[str], names_b: Sequence[str], label_a: str, label_b: str
 ) -> None:
@@ -467,7 +361,7 @@ class Parent:
     converted_shape: Callable[[str], tuple[int, ...]] | None = None
 
 
-def _parent_layout(arch: Architecture, parent: Parent) -> tuple[ModelLayout, list[Slot], dict]:
+def parent_layout(arch: Architecture, parent: Parent) -> tuple[ModelLayout, list[Slot], dict]:
     def is_tied(weight: WeightInfo, target: str) -> bool:
         if arch.ties or parent.is_tied is None:
             return arch.ties
@@ -508,8 +402,8 @@ def plan_pair(
     """
     if same_keys:
         _same_names(sorted(a.shapes), sorted(b.shapes), a.label, b.label)
-    layout, slots_a, tied = _parent_layout(arch, a)
-    layout_b, slots_b, _ = _parent_layout(arch, b)
+    layout, slots_a, tied = parent_layout(arch, a)
+    layout_b, slots_b, _ = parent_layout(arch, b)
     compare_layouts(layout, layout_b, a.label, b.label, allow_vocabulary=allow_vocabulary)
     return PairPlan(
         layout=layout,
@@ -539,4 +433,4 @@ def state_dict_parent(state_dict: Mapping[str, Any], label: str) -> Parent:
 def layout_for_state_dict(state_dict: Mapping[str, Any], config: PretrainedConfig) -> ModelLayout:
     """The layout of a state dict of a model described by ``config`` (see module docs)."""
     arch = Architecture.for_config(config)
-    return _parent_layout(arch, state_dict_parent(state_dict, "the state dict"))[0]
+    return parent_layout(arch, state_dict_parent(state_dict, "the state dict"))[0]

@@ -1,25 +1,14 @@
 """The mergekit merge method ``m2n2``: M2N2's split-point SLERP over a whole model.
 
-Two parents, A (``base_model``) and B, each seen as one flat vector of parameters in the
-architecture's order (:mod:`m2n2_plugin.layout`). ``split_point`` in [0, 1] is a fraction of that
-vector: the first ``floor(split_point * n)`` parameters are mixed with ``t = mix_ratio`` (the
-weight on parent B), the rest with ``t = 1 - mix_ratio``; a split inside a tensor cuts it
-elementwise, as in the paper. With ``granularity: layer`` the split moves to the nearest layer
-boundary, which makes the method equal to mergekit's ``slerp`` over two slices ``[0, k)``
-(``t = w``) and ``[k, N)`` (``t = 1 - w``). Each tensor gets its own SLERP angle and mergekit's
-linear fallback (``|cos| > 0.9995``), through the package's one kernel
-(:func:`m2n2_plugin.kernel.split_slerp`).
-
-Why more than a kernel: mergekit hands a kernel one tensor and its inputs' ids, in no particular
-order, yet the split index is global. So the pair's layout is planned when mergekit validates
-the method's inputs (before any tensor is loaded or the output directory exists) and the kernel
-finds it through the ids: a mergekit ``ModelReference`` on the ``mergekit-yaml`` path (the
-method keeps the layouts of the last pairs it planned), an :class:`InMemoryParent` carrying it
-on the in-memory path (:func:`m2n2_merge_state_dicts`).
-
-Errors a user can make are raised before any tensor is merged, as :class:`MergekitError`: an
-:class:`~m2n2_plugin.errors.M2N2ConfigError` that is also a ``click.ClickException``, so
-``mergekit-yaml`` prints one line (``Error: m2n2: ...``) and exits with status 1.
+Parents A (``base_model``) and B are each one flat vector in the architecture's order
+(:mod:`m2n2_plugin.layout`): the first ``floor(split_point * n)`` parameters are mixed with
+``t = mix_ratio`` (the weight on B), the rest with ``1 - mix_ratio``, one SLERP angle per tensor
+(:func:`m2n2_plugin.kernel.split_slerp`); ``granularity: layer`` moves the split to the nearest
+layer boundary (equal to mergekit's ``slerp`` over slices ``[0, k)``, ``t = w``, and ``[k, N)``,
+``t = 1 - w``). The split index is global, but mergekit hands the kernel one tensor, in no order:
+so the pair's layout is planned when mergekit validates the inputs (before any tensor is loaded
+or the output exists) and the kernel finds it by the input ids (:mod:`m2n2_plugin.merge_inputs`).
+A user's error is a :class:`MergekitError`, which ``mergekit-yaml`` prints in one line.
 """
 
 from __future__ import annotations
@@ -27,15 +16,12 @@ from __future__ import annotations
 import re
 import threading
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from dataclasses import field
 from typing import TYPE_CHECKING
 from typing import Annotated
 from typing import Any
@@ -58,25 +44,16 @@ from m2n2_plugin.kernel import check_granularity
 from m2n2_plugin.kernel import check_unit_interval
 from m2n2_plugin.kernel import split_slerp
 from m2n2_plugin.layout import Architecture
-from m2n2_plugin.layout import ModelLayout
 from m2n2_plugin.layout import plan_pair
-from m2n2_plugin.layout import plan_references
 from m2n2_plugin.layout import state_dict_parent
+from m2n2_plugin.merge_inputs import InMemoryParent
+from m2n2_plugin.merge_inputs import PairLayouts
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-__all__ = [
-    "InMemoryParent",
-    "M2N2ConfigError",
-    "METHOD_NAME",
-    "MergekitError",
-    "m2n2_merge_method",
-    "m2n2_merge_state_dicts",
-    "register",
-]
-
 METHOD_NAME = "m2n2"
+_SLICE_LABEL = re.compile(r"\.slices\[(\d+)\]$")  # mergekit's group name of an output slice
 
 
 class MergekitError(M2N2ConfigError, click.ClickException):
@@ -93,15 +70,12 @@ def _for_mergekit() -> Iterator[None]:
     """Turn a library :class:`M2N2ConfigError` into a :class:`MergekitError`."""
     try:
         yield
-    except MergekitError:
-        raise
-    except M2N2ConfigError as exc:
+    except M2N2ConfigError as exc:  # a MergekitError too: the same message, one line
         raise MergekitError(str(exc)) from None
 
 
-# Parameters: validated while mergekit resolves them (planning), so a bad value stops the merge
-# before the output directory exists. Defaults of None make a missing value reach the validator
-# too, instead of mergekit's multi-line "Missing required parameter".
+# Parameters are validated while mergekit plans, before the output directory exists; a default
+# of None makes a missing one reach the validator (not mergekit's multi-line "Missing ...").
 
 
 def _unit_interval(name: str) -> Callable[[Any], float]:
@@ -124,39 +98,18 @@ SplitPoint = Annotated[float | None, PlainValidator(_unit_interval("split_point"
 Granularity = Annotated[str, PlainValidator(_granularity)]
 
 
-@dataclass(frozen=True, eq=False)
-class InMemoryParent:
-    """The input id of a parent given as a state dict: carries the layout to the kernel.
-
-    On the ``mergekit-yaml`` path the ids are model references whose checkpoints hold the
-    layout; in memory there is nothing to read, so the id brings it along. Hashed by identity.
-    """
-
-    label: str
-    layout: ModelLayout = field(repr=False)
-
-    def __str__(self) -> str:
-        return self.label
-
-
-_SLICE_LABEL = re.compile(r"\.slices\[(\d+)\]$")
-#: Layouts of the pairs of model references planned last (a long-lived process merges many).
-_PLANNED_PAIRS = 16
-
-
 class M2N2MergeMethod(FunctionalGroupMergeMethod):
     """mergekit's group method plus the up-front checks M2N2 needs.
 
     mergekit calls ``validate_inputs`` while planning, once per output slice (ids = its models)
     and once per output tensor (``group_name``). The slice call checks the pair and plans its
-    layout anew (a rewritten model folder is never merged with a stale one); the kernel then
-    looks it up by the pair's ids.
+    layout anew; the kernel then looks it up by the pair's ids.
     """
 
     def __init__(self, spec: Any, implementation: Callable[..., torch.Tensor]) -> None:
         super().__init__(spec, implementation)
-        self._layouts: OrderedDict[tuple[Hashable, Hashable], ModelLayout] = OrderedDict()
-        self._lock = threading.Lock()
+        #: Parent A's layout per pair of input ids: planned by validate_inputs, read by the kernel.
+        self.layouts = PairLayouts()
 
     @classmethod
     def from_method(cls, method: MergeMethod) -> M2N2MergeMethod:
@@ -164,28 +117,6 @@ class M2N2MergeMethod(FunctionalGroupMergeMethod):
         if not isinstance(method, FunctionalGroupMergeMethod):
             raise TypeError("expected a group kernel built by mergekit's @merge_method")
         return cls(method.spec, method.implementation)
-
-    def layout(self, base_id: Hashable, other_id: Hashable, *, plan: bool = False) -> ModelLayout:
-        """Parent A's layout for this pair of ids; ``plan``: check the pair and plan it anew."""
-        if isinstance(base_id, InMemoryParent):
-            return base_id.layout
-        with self._lock:
-            known = None if plan else self._layouts.get((base_id, other_id))
-        if known is not None:
-            return known
-        from mergekit.common import ModelReference
-
-        if not (isinstance(base_id, ModelReference) and isinstance(other_id, ModelReference)):
-            raise M2N2ConfigError(
-                "the merge needs the models' layout: merge checkpoints with mergekit-yaml / "
-                "run_merge, or state dicts with m2n2_plugin.merge_method.m2n2_merge_state_dicts"
-            )
-        layout = plan_references(base_id, other_id)
-        with self._lock:
-            self._layouts[(base_id, other_id)] = layout
-            while len(self._layouts) > _PLANNED_PAIRS:
-                self._layouts.popitem(last=False)
-        return layout
 
     def validate_inputs(
         self,
@@ -215,7 +146,7 @@ class M2N2MergeMethod(FunctionalGroupMergeMethod):
                     "merges whole models: give the two parents under `models:`, not several slices"
                 )
             other_id = ids[1] if ids[0] == base_id else ids[0]
-            layout = self.layout(base_id, other_id, plan=match is not None)
+            layout = self.layouts.layout(base_id, other_id, plan=match is not None)
             if group_name and not match and group_name not in layout.spans:
                 raise M2N2ConfigError(
                     f"tensor {group_name} is not part of parent A ({base_id}); m2n2 merges "
@@ -238,14 +169,13 @@ def m2n2_merge_method(
 ) -> torch.Tensor:
     """Merge one tensor: find its span in parent A's layout, cut it at the global split."""
     with _for_mergekit():
-        base = group.base
-        name = group.metadata.name
+        base, name = group.base, group.metadata.name
         if base is None or len(group.non_base) != 1 or name is None:
             raise M2N2ConfigError("needs parent A (base_model), one other model, tensor names")
         if mix_ratio is None or split_point is None:  # unreachable: the validators reject None
             raise M2N2ConfigError("mix_ratio and split_point are required")
         other = group.non_base[0]
-        layout = m2n2_merge_method.layout(base.id, other.id)
+        layout = m2n2_merge_method.layouts.layout(base.id, other.id)
         split = layout.split_index(split_point, granularity)
         local = layout.local_split(name, split, base.tensor.numel())
         return split_slerp(
@@ -264,12 +194,12 @@ def m2n2_merge_state_dicts(
 ) -> dict[str, torch.Tensor]:
     """Merge two state dicts exactly as ``mergekit-yaml`` with ``merge_method: m2n2`` would.
 
-    Runs mergekit's own ``merge_state_dicts`` with the ``m2n2`` method; the layout travels in
-    the input ids (:class:`InMemoryParent`). ``config`` is the parents' transformers config; it
-    selects mergekit's architecture (the order of the tensors) and says whether embeddings are
-    tied. The result has mergekit's tensor names, in the architecture's order; a tied weight
-    (e.g. ``lm_head.weight`` of a tied model) maps to the merged tensor it is tied to. Tensors
-    the architecture does not list are left out, as ``mergekit-yaml`` leaves them out.
+    Runs mergekit's own ``merge_state_dicts``; the layout travels in the input ids
+    (:class:`InMemoryParent`). ``config`` (the parents' transformers config) selects mergekit's
+    architecture and says whether embeddings are tied. The result has mergekit's tensor names,
+    in the architecture's order; a tied weight (``lm_head.weight`` of a tied model) maps to the
+    merged tensor it is tied to; tensors the architecture does not list are left out, as
+    ``mergekit-yaml`` leaves them out.
     """
     plan = plan_pair(
         Architecture.for_config(config),

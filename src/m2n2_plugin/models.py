@@ -30,17 +30,33 @@ CARRIED_KEYS = ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_tem
 
 @dataclass(frozen=True)
 class Seed:
-    """One initial archive member: the name the mergekit config uses and its local folder."""
+    """One initial archive member: the name the mergekit config uses and its local folder.
+
+    ``name`` is exactly what the user wrote (``org/model@revision`` included); ``source`` is
+    how a lineage names it so that it rebuilds elsewhere: the hub reference for a model from
+    the Hugging Face hub, the absolute folder for a local one.
+    """
 
     name: str
     path: Path
+    source: str = ""
+
+    @property
+    def reference(self) -> str:
+        return self.source or str(self.path)
 
 
-def _resolve_model(name: str, base_dirs: list[Path]) -> Path:
+def _resolve_model(name: str, base_dirs: list[Path], revision: str | None = None) -> Path:
+    """A local folder, else a Hugging Face repo id (at ``revision``), as mergekit accepts."""
     for base in base_dirs:
         p = Path(name).expanduser()
         p = p if p.is_absolute() else base / p
         if p.is_dir():
+            if revision is not None:
+                raise M2N2Error(
+                    f"model {name}@{revision}: {name!r} is a local folder, which has no "
+                    "revisions; name the folder without @revision (or check out that revision)"
+                )
             return p.resolve()
     if Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
         raise M2N2Error(f"model {name!r} not found (no such folder)")
@@ -49,13 +65,16 @@ def _resolve_model(name: str, base_dirs: list[Path]) -> Path:
 
         return Path(
             snapshot_download(
-                name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]
+                name,
+                revision=revision,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"],
             )
         )
     except Exception as exc:  # offline, unknown repo, auth...
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        shown = f"{name}@{revision}" if revision else name
         raise M2N2Error(
-            f"model {name!r} not found: not a local folder, and the Hugging Face hub "
+            f"model {shown!r} not found: not a local folder, and the Hugging Face hub "
             f"could not provide it ({msg})"
         ) from exc
 
@@ -76,16 +95,27 @@ def seeds_from_mergekit(data: dict[str, Any], base_dir: Path) -> tuple[list[Seed
     except (ValueError, RuntimeError) as exc:  # mergekit's own checks, e.g. no `models:`
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise M2N2Error(f"mergekit_config is not a valid mergekit config: {msg}") from exc
-    names: list[str] = []
+    refs = []
     if mc.models:
-        names = [str(m.model.model.path) for m in mc.models]
+        refs = [m.model for m in mc.models]
     elif mc.slices:
-        names = [str(s.model.model.path) for sl in mc.slices for s in sl.sources]
-    names = list(dict.fromkeys(names))
-    if not names:
+        refs = [s.model for sl in mc.slices for s in sl.sources]
+    refs = list(dict.fromkeys(refs))
+    if not refs:
         raise M2N2Error("mergekit_config names no models (need `models:` or `slices:`)")
     dirs = [base_dir, Path.cwd()]
-    seeds = [Seed(name, _resolve_model(name, dirs)) for name in names]
+    seeds = []
+    for ref in refs:
+        if ref.lora is not None:
+            # Never dropped: a seed with its LoRA left off would be another model.
+            raise M2N2Error(
+                f"seed {str(ref)!r}: a LoRA applied on top (model+lora) is not supported by "
+                "m2n2 evolve; merge the adapter into the model first (peft's "
+                "merge_and_unload, then save_pretrained) and name that folder"
+            )
+        path = _resolve_model(ref.model.path, dirs, ref.model.revision)
+        local = any((d / Path(ref.model.path).expanduser()).is_dir() for d in dirs)
+        seeds.append(Seed(str(ref), path, source="" if local else str(ref.model)))
     carried = {k: data[k] for k in CARRIED_KEYS if data.get(k) is not None}
     if isinstance(carried.get("tokenizer_source"), str) and carried["tokenizer_source"] not in (
         "base",
@@ -186,14 +216,30 @@ def check_tokenizers(seeds: list[Seed]) -> None:
 
 
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a safetensors file so that a crash never leaves a partial file at ``path``."""
+    """Write a safetensors file so that a crash never leaves a partial file at ``path``.
+
+    CPU tensors go through ``safetensors`` (straight from their memory); if any tensor lives on
+    another device (a resident model on a GPU) the file is streamed one tensor at a time
+    (:func:`m2n2_plugin.checkpoint.write_safetensors`), so host memory holds one tensor, not
+    a copy of the model.
+    """
+    from m2n2_plugin.checkpoint import write_safetensors
+
     path.parent.mkdir(parents=True, exist_ok=True)
     # The temp name carries the target's (".tmp-trial_000012-...") so that a cleaner can tell
     # whose write a left-over temp file was (evolve.Run.sync_files).
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
+    on_cpu = all(v.device.type == "cpu" for v in tensors.values())
+    if on_cpu:
+        os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        if on_cpu:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        else:
+            try:
+                write_safetensors(tensors, fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)

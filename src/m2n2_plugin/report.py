@@ -52,6 +52,8 @@ class Settings:
     carried: Mapping[str, Any] = field(default_factory=dict)
     #: How the fitness documents weigh in the competition (weights.FitnessWeights.describe).
     fitness_weights: str = ""
+    #: Warnings the card must carry (e.g. fitness documents from a benchmark's test split).
+    warnings: Sequence[str] = ()
 
 
 def lineage_docs(
@@ -73,7 +75,7 @@ def lineage_docs(
         trial = trials[n]
         attrs = trial.user_attrs
         if "m2n2.seed" in attrs:
-            ref[n] = str(seeds[int(attrs["m2n2.seed"])].path)
+            ref[n] = seeds[int(attrs["m2n2.seed"])].reference  # hub id@rev, or local path
             stack.pop()
             continue
         a, b = attrs["m2n2.parents"]
@@ -231,7 +233,7 @@ Mean fitness score ({settings.n_fitness_docs} fitness documents): {fitness:.4f}
 Held-out documents ({n_docs}, never used for selection):
 
 {table}
-"""
+{"".join(f"{chr(10)}**Warning:** {w}{chr(10)}" for w in settings.warnings)}"""
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
@@ -316,6 +318,8 @@ def write_outputs(
     model folder (config, tokenizer, weights).
     """
     summary: dict[str, Any] = {"output_dir": str(out), "archive": archive.members}
+    if settings.warnings:
+        summary["warnings"] = list(settings.warnings)
     _plots(out, archive)
     if not archive.members:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

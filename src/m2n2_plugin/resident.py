@@ -57,7 +57,6 @@ import torch
 
 from m2n2_plugin.checkpoint import IO
 from m2n2_plugin.checkpoint import Checkpoint
-from m2n2_plugin.checkpoint import plain_cpu
 from m2n2_plugin.errors import M2N2ConfigError
 from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.kernel import MERGEKIT_DOT_THRESHOLD
@@ -78,6 +77,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Checkpoint",
     "ResidentChild",
+    "build_resident_model",
     "load_checkpoint_into_model",
     "merge_checkpoints",
     "merge_into_model",
@@ -153,19 +153,26 @@ def _merge_tensor(
     out_dtype: torch.dtype | None,
     dest: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.dtype]:
-    """Child tensor ``name`` and the dtype mergekit writes it in; into ``dest`` if given."""
+    """Child tensor ``name`` and the dtype mergekit writes it in; into ``dest`` if given.
+
+    The arithmetic runs where ``dest`` lives: on a GPU each parent tensor is read into a host
+    buffer, copied to the device and cast there, and the kernel runs there.
+    """
     entry_a = a.entries[plan.sources_a[name]]
     entry_b = b.entries[plan.sources_b[name]]
     work = dtype or torch.promote_types(entry_a.dtype, entry_b.dtype)
     written = out_dtype or work
     local = layout.local_split(name, split, entry_a.numel)
     source_a, source_b = plan.sources_a[name], plan.sources_b[name]
-    lean = dest is not None and dest.dtype == work == written and plain_cpu(dest)
-    if lean and a.io == "read" and entry_a.dtype == work:
-        parent_a = a.get(source_a, out=dest)  # the kernel then computes the child over it
+    device = None if dest is None or dest.device.type == "cpu" else dest.device
+    lean = dest is not None and dest.dtype == work == written and dest.is_contiguous()
+    if lean and (device is not None or (a.io == "read" and entry_a.dtype == work)):
+        # Parent A goes straight into the destination; the kernel then computes the child
+        # over it (on a GPU: no device buffer for parent A at all).
+        parent_a = a.get(source_a, dtype=work, out=dest)
     else:
-        parent_a = a.get(source_a, dtype=work, reuse=True)
-    parent_b = b.get(source_b, dtype=work, reuse=True)
+        parent_a = a.get(source_a, dtype=work, reuse=True, device=device)
+    parent_b = b.get(source_b, dtype=work, reuse=True, device=device)
     norms = (a.squared_norm(source_a, parent_a), b.squared_norm(source_b, parent_b))
     cos = cosine(parent_a, parent_b, squared_norms=norms)
     if lean:
@@ -213,6 +220,12 @@ _SCRATCH: weakref.WeakKeyDictionary[torch.nn.Module, tuple[dict[torch.dtype, tor
 _SCRATCH = weakref.WeakKeyDictionary()
 
 
+def _on_cuda(model: torch.nn.Module) -> bool:
+    """Whether the model's tensors live on a CUDA GPU (then host buffers are page-locked)."""
+    first = next(iter(model.parameters()), None)
+    return first is not None and first.device.type == "cuda"
+
+
 def release_buffers(model: torch.nn.Module) -> None:
     """Free the scratch buffers :func:`merge_into_model` keeps with ``model``."""
     _SCRATCH.pop(model, None)
@@ -242,7 +255,7 @@ def merge_into_model(
             ``.safetensors`` file each; parent A is mergekit's ``base_model``.
         mix_ratio, split_point, granularity: the ``m2n2`` parameters.
         layout: parent A's layout if the caller has it (e.g. from
-            :func:`~m2n2_plugin.layout.layout_for_model`); by default it is planned from the
+            :func:`~m2n2_plugin.merge_inputs.layout_for_model`); by default it is planned from the
             headers. It must list the same tensors.
         arch: the model's :class:`~m2n2_plugin.layout.Architecture`, built once by a caller
             that merges many children (``m2n2 evolve``); by default built from the config.
@@ -266,7 +279,11 @@ def merge_into_model(
     arch = arch or Architecture.for_config(cast("PretrainedConfig", model.config))
     params = model.state_dict()
     scratch_a, scratch_b = ({}, {}) if not keep_buffers else _SCRATCH.setdefault(model, ({}, {}))
-    with Checkpoint(parent_a, io, scratch_a) as a, Checkpoint(parent_b, io, scratch_b) as b:
+    pin = _on_cuda(model)
+    with (
+        Checkpoint(parent_a, io, scratch_a, pin_memory=pin) as a,
+        Checkpoint(parent_b, io, scratch_b, pin_memory=pin) as b,
+    ):
         plan = _plan(arch, a, b)
         used = plan.layout if layout is None else layout
         if used.names != plan.layout.names or dict(used.shapes) != dict(plan.layout.shapes):
@@ -377,7 +394,7 @@ def load_checkpoint_into_model(
     embeddings) is read once. Every model parameter must be in the checkpoint.
     """
     params = model.state_dict()
-    with Checkpoint(path, io) as ckpt:
+    with Checkpoint(path, io, pin_memory=_on_cuda(model)) as ckpt:
         names: list[str] = []
         seen: set[int] = set()
         for name in ckpt.entries:
@@ -400,6 +417,48 @@ def load_checkpoint_into_model(
                 ckpt.get(name, dtype=dtype, out=params[name])
 
 
+def build_resident_model(
+    config: PretrainedConfig,
+    weights: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    weights_dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
+    """The resident model on ``device``, holding ``weights`` (a seed), without a random init.
+
+    ``from_config`` would draw every parameter at random and then the first merge overwrites
+    them all: minutes of CPU for a 7 B model, for nothing. Here the tensors are allocated where
+    they will live (a ``torch.device`` context: straight on the GPU, never staged in host
+    memory) with transformers' ``no_init_weights``, the tied weights are tied, and the seed's
+    tensors are read in one at a time. Buffers that are not in a checkpoint (the rotary
+    ``inv_freq``) are computed by the modules' constructors, on the device, as usual.
+
+    Why not the meta device: ``to_empty`` from meta leaves such buffers uninitialised, and
+    transformers recomputes them only inside ``from_pretrained``'s own loading path.
+
+    Args:
+        config: the seeds' Hugging Face config.
+        weights: a seed's model folder or safetensors file; every parameter must be in it.
+        dtype: the resident model's dtype.
+        device: where it lives (already checked: :func:`m2n2_plugin.devices.resolve_device`).
+        weights_dtype: mergekit's ``dtype``, applied as the seed is read (as for any seed).
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x kept it here
+        from transformers.modeling_utils import no_init_weights  # type: ignore[no-redef]
+
+    with torch.device(device), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # ``no_init_weights`` also skips the tying done after the init
+    model.eval()
+    load_checkpoint_into_model(model, weights, dtype=weights_dtype)
+    return model
+
+
 def save_model_tensors(
     model: torch.nn.Module,
     path: str | os.PathLike[str],
@@ -410,7 +469,8 @@ def save_model_tensors(
     ``names``: which tensors (default: the whole state dict), optionally mapped to the dtype to
     store each in. A tensor sharing storage with one already listed (a tied ``lm_head``) is
     left out. Tensors already in the right dtype are written from the model's own memory
-    (safetensors serialises from the pointers): no copy of the model is made.
+    (safetensors serialises from the pointers): no copy of the model is made; a model on a GPU
+    is streamed to the file one tensor at a time (each cast on the device).
     """
     params = model.state_dict()
     wanted: Mapping[str, torch.dtype | None]
@@ -431,7 +491,7 @@ def save_model_tensors(
         seen.add(_storage(tensor))
         if store_as is not None and tensor.dtype != store_as:
             tensor = tensor.to(store_as)
-        tensors[name] = tensor.cpu()
+        tensors[name] = tensor
     save_tensors_atomic(tensors, Path(path))
 
 

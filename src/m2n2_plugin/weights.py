@@ -54,10 +54,28 @@ class FitnessWeights:
 
     @classmethod
     def from_config(
-        cls, weighting: str, task_weights: dict[str, float] | None, docs: DocSet
+        cls,
+        weighting: str,
+        task_weights: dict[str, float] | None,
+        docs: DocSet,
+        fitness: Any = None,
     ) -> FitnessWeights:
-        """The weights of ``docs`` (the fitness documents, in score-vector order)."""
-        given = task_weights or {}
+        """The weights of ``docs`` (the fitness documents, in score-vector order).
+
+        A task group (or tag) named in ``fitness.tasks`` counts as its subtasks (as lm-eval
+        scores it: ``fitness``, the :class:`~m2n2_plugin.fitness.LmEvalFitness`, resolves
+        it): a weight given to the group is the weight of each subtask, unless the subtask
+        has one of its own.
+        """
+        given = dict(task_weights or {})
+        loaded = getattr(fitness, "_loaded", None)
+        if loaded is not None:
+            from m2n2_plugin.fitness import _leaf_tasks
+
+            for name, weight in list(given.items()):
+                for leaf in _leaf_tasks(loaded, [name]):
+                    if leaf != name:
+                        given.setdefault(leaf, weight)
         weights = {task: float(given.get(task, 1.0)) for task in docs.ids}
         n_docs = {task: len(ids) for task, ids in docs.ids.items()}
         if weighting == "per_task":
