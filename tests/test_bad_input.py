@@ -124,7 +124,34 @@ BEFORE_ANY_TRIAL: list[tuple[str, Any, str]] = [
         {"search__archive_size": 1},
         "search.archive_size: Input should be greater than or equal",
     ),
-    ("archive-smaller-than-seeds", {"search__archive_size": 2}, "names 3 models but archive_size"),
+    # fitness weights (more seeds than archive slots is no error: they compete)
+    ("weighting-unknown", {"fitness__weighting": "per_doc"}, "fitness.weighting: Input should be"),
+    (
+        "task-weight-zero",
+        {"fitness__task_weights": {"tiny_mc": 0}},
+        "fitness.task_weights.tiny_mc: Input should be greater than 0",
+    ),
+    (
+        "task-weight-negative",
+        {"fitness__task_weights": {"tiny_mc": -1.5}},
+        "fitness.task_weights.tiny_mc: Input should be greater than 0",
+    ),
+    (
+        "task-weight-nan",
+        {"fitness__task_weights": {"tiny_mc": float("nan")}},
+        "fitness.task_weights.tiny_mc: Input should be a finite number",
+    ),
+    (
+        "task-weight-not-a-number",
+        {"fitness__task_weights": {"tiny_mc": "heavy"}},
+        "fitness.task_weights.tiny_mc: Input should be a valid number",
+    ),
+    (
+        "task-weight-unknown-task",
+        {"fitness__task_weights": {"tiny_mc": 1, "gsm8k": 2}},
+        "fitness.task_weights: Value error, names task 'gsm8k', which is not in fitness.tasks",
+    ),
+    ("task-weights-not-a-mapping", {"fitness__task_weights": [1, 2]}, "fitness.task_weights: "),
     # in range for the type, absurd as a setting: refused before anything is allocated
     (
         "archive-size-absurd",

@@ -10,6 +10,8 @@ an error, not a silently ignored setting. Example::
       filter: strict-match
       fitness_docs: 200               # the first 200 documents of each task
       heldout_docs: 200               # the next 200, reported, never optimised
+      weighting: per_task             # every task weighs the same in total (per_document: each
+      task_weights: {gsm8k: 1.0}      #   document weighs its task's weight); default weight 1
       batch_size: 16
     search:
       n_trials: 500
@@ -45,6 +47,10 @@ MAX_ALPHA = 10.0
 MAX_THREADS = 1024
 MAX_BATCH = 100_000
 MAX_FEWSHOT = 1000
+#: A task weight is relative to the others (1 by default); past this it is a typo.
+MAX_TASK_WEIGHT = 1e6
+
+TaskWeight = Annotated[float, Field(gt=0.0, le=MAX_TASK_WEIGHT, allow_inf_nan=False)]
 
 
 class FitnessConfig(BaseModel):
@@ -59,6 +65,13 @@ class FitnessConfig(BaseModel):
     include_defaults: bool | None = None
     fitness_docs: DocSpec
     heldout_docs: DocSpec | None = None
+    # How much each fitness document counts in the archive's resource competition (the
+    # sampler's capacity c_j; weights.py). ``per_task``: a task's weight is its total, shared by
+    # its documents (c_j = w_task / n_docs(task)), so a task of 500 documents does not outweigh
+    # one of 50 tenfold. ``per_document``: each document weighs its task's weight (all weights
+    # 1: every document the same, the behaviour before these keys existed).
+    weighting: Literal["per_task", "per_document"] = "per_task"
+    task_weights: dict[str, TaskWeight] | None = None
     # lm-eval's own evaluation options, under lm-eval's names.
     num_fewshot: int | None = Field(default=None, ge=0, le=MAX_FEWSHOT)
     batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] | Literal["auto"] = 8
@@ -81,6 +94,21 @@ class FitnessConfig(BaseModel):
     @classmethod
     def _one_task(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("task_weights")
+    @classmethod
+    def _known_tasks(
+        cls, v: dict[str, float] | None, info: ValidationInfo
+    ) -> dict[str, float] | None:
+        tasks = info.data.get("tasks")
+        if v is not None and tasks is not None:
+            unknown = [task for task in v if task not in tasks]
+            if unknown:
+                known = ", ".join(tasks)
+                raise ValueError(
+                    f"names task {unknown[0]!r}, which is not in fitness.tasks ({known})"
+                )
+        return v
 
     @field_validator("device")
     @classmethod

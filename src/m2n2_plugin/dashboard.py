@@ -30,6 +30,8 @@ from typing import Any
 import optuna
 
 from m2n2_plugin import family_tree
+from m2n2_plugin.weights import best_member
+from m2n2_plugin.weights import fitness_means
 
 #: What a trial's objective value is (stored as the ``m2n2.objective`` study user attr).
 OBJECTIVE = (
@@ -62,12 +64,12 @@ def describe_objective(study: optuna.Study) -> None:
 
 def best_record(archive: Any) -> dict[str, Any] | None:
     """The archive's best member as a JSON-able record (None while the archive is empty)."""
-    best = archive.best()
+    best = best_member(archive)  # weighted by the study's task weights, as best/ is
     if best is None:
         return None
     return {
         "trial": int(best),
-        "mean_fitness": float(archive.mean_scores.max()),
+        "mean_fitness": float(fitness_means(archive).max()),
         "coverage": float(archive.coverage),
         "members": len(archive.members),
         "fold_position": int(archive.position),
@@ -190,7 +192,7 @@ def figures(
             yaxis={"type": "category"},
         )
         out["m2n2-coverage"] = coverage
-        best = archive.best()
+        best = best_member(archive)
         tree = family_tree.ancestry(trials, best)
         out["m2n2-lineage"] = family_tree.plotly_figure(
             tree, best, f"{title}: family tree of trial {best}"

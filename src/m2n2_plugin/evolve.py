@@ -50,6 +50,10 @@ from m2n2_plugin.run_state import fingerprint
 from m2n2_plugin.run_state import open_study
 from m2n2_plugin.run_state import output_folder
 from m2n2_plugin.run_state import write_error
+from m2n2_plugin.weights import FINGERPRINT_KEY
+from m2n2_plugin.weights import STUDY_ATTR
+from m2n2_plugin.weights import FitnessWeights
+from m2n2_plugin.weights import resume_hint
 from m2n2_plugin.workers import MemberEvicted
 from m2n2_plugin.workers import fail_dead_trials
 from m2n2_plugin.workers import fold_up_to
@@ -134,8 +138,11 @@ class Run(RunState):
             timing.merge = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        # Early rejection for children, and for seeds past the first archive_size: those find
+        # the archive full and enter only through the replacement rule, as a child does.
+        early = parents is not None or seed_index >= self.cfg.search.archive_size
         try:
-            if parents is not None and self.cfg.search.early_rejection:
+            if early and self.cfg.search.early_rejection:
                 scores = self.score_or_reject(trial)
             else:
                 scores = self.fitness.score(self.lm, self.fitness_docs)
@@ -217,9 +224,12 @@ class Run(RunState):
         arch = self.sampler.archive(self.study)
         slot_scores = arch.slot_scores
         rows = dict(zip(arch.members, arch.scores, strict=True))
-        a, b = self.sampler.parents(trial)
-        parents_solve = rows.get(a, np.zeros(n)) + rows.get(b, np.zeros(n))
-        order = np.lexsort((slot_scores.sum(axis=0), parents_solve))
+        parents = self.sampler.parents(trial) or ()  # a seed has none
+        parents_solve = sum((rows.get(p, np.zeros(n)) for p in parents), np.zeros(n))
+        load = slot_scores.sum(axis=0)
+        if arch.capacity is not None:  # worth most first: capacity / load, descending
+            load = -arch.capacity / (load + 1.0)
+        order = np.lexsort((load, parents_solve))
         batch = self.cfg.fitness.batch_size
         chunk = self.cfg.search.rejection_chunk or max(
             batch if isinstance(batch, int) else 8, -(-n // 8)
@@ -232,14 +242,15 @@ class Run(RunState):
             scores[positions] = checked_scores(trial.number, chunk_scores, len(positions))
             evaluated[positions] = True
             done = int(evaluated.sum())
-            if done < n and not can_enter(slot_scores, scores, evaluated, self.cfg.search.alpha):
+            alpha, capacity = self.cfg.search.alpha, arch.capacity
+            if done < n and not can_enter(slot_scores, scores, evaluated, alpha, capacity):
                 if arch.position < trial.number:
                     # Several workers: trials below this one were still running when `arch`
                     # was read. Decide on the archive this trial is folded into, or the
                     # rejection would not be exact (waiting is short: see Run.admit).
                     arch = self.fold_up_to(trial)
                     slot_scores = arch.slot_scores
-                    if can_enter(slot_scores, scores, evaluated, self.cfg.search.alpha):
+                    if can_enter(slot_scores, scores, evaluated, alpha, capacity):
                         continue
                 trial.set_user_attr("m2n2.docs_evaluated", done)
                 trial.report(float(scores[evaluated].mean()), step=done)
@@ -352,12 +363,9 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         mk_data, mk_dir = cfg.mergekit_config, cfg.base_dir
     if not isinstance(mk_data, dict):
         raise M2N2Error("mergekit_config must be a mergekit YAML mapping")
+    # Any number of seeds: past archive_size they compete for the slots (the sampler's
+    # Seeds section), so the search, not the user, decides which fine-tunes stay.
     seeds, carried = seeds_from_mergekit(mk_data, mk_dir)
-    if len(seeds) > cfg.search.archive_size:
-        raise M2N2Error(
-            f"the mergekit config names {len(seeds)} models but archive_size is "
-            f"{cfg.search.archive_size}"
-        )
     check_compatible(seeds)
     check_tokenizers(seeds)
 
@@ -366,6 +374,7 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     if fc.num_threads is not None:
         torch.set_num_threads(fc.num_threads)
     fitness, fitness_docs, heldout_docs = load_fitness(cfg)
+    weights = FitnessWeights.from_config(fc.weighting, fc.task_weights, fitness_docs, fitness)
 
     # The output folder and the study.
     try:
@@ -382,9 +391,12 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         use_split_point=cfg.search.use_split_point,
         n_seeds=len(seeds),
         seed=cfg.search.seed,
+        capacity=weights.capacity,
     )
     study = open_study(cfg, out, sampler)
     fp = fingerprint(cfg, seeds, fitness_docs)
+    if weights.capacity is not None:  # absent when uniform: as in studies made before it
+        fp[FINGERPRINT_KEY] = weights.fingerprint()
     old = study.user_attrs.get("m2n2.fingerprint")
     # A study without trials (a start that failed after creating it) takes the new config.
     if old is None or not study.get_trials(deepcopy=False):
@@ -392,16 +404,18 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         study.set_user_attr("m2n2.fitness_labels", fitness_docs.labels())
         study.set_user_attr("m2n2.generation_settings", fitness.generation_settings())
         study.set_user_attr("m2n2.seeds", [[s.name, str(s.path)] for s in seeds])
+        study.set_user_attr(STUDY_ATTR, weights.to_json())
         # Said once at start (below) and carried into the model card (report.Settings).
         warning = benchmark_warning({t: fitness._loaded["tasks"][t] for t in fitness_docs.ids})
         study.set_user_attr("m2n2.benchmark_warning", warning)
         if warning:
             LOG.warning("m2n2: warning: %s", warning)
     elif old != fp:
-        changed = next(k for k in fp if fp[k] != old.get(k))
+        changed = next((k for k in fp if fp[k] != old.get(k)), FINGERPRINT_KEY)
+        hint = resume_hint(old.get(changed), fp.get(changed)) if changed == FINGERPRINT_KEY else ""
         raise M2N2Error(
             f"{out} holds a study with a different {changed!r}; use another output_dir "
-            "(or the same config) to resume"
+            f"(or the same config) to resume{hint}"
         )
 
     # The resident evaluation model: built once, its tensors replaced for every trial.
@@ -443,6 +457,7 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         merge_dtype=merge_dtype,
         out_dtype=DTYPES.get(carried.get("out_dtype") or carried.get("dtype", "")),
         arch=Architecture.for_config(hf_config),
+        fitness_weights=weights,
     )
     return run
 

@@ -33,6 +33,8 @@ import yaml
 from m2n2_plugin import family_tree
 from m2n2_plugin.models import CARRIED_KEYS
 from m2n2_plugin.models import Seed
+from m2n2_plugin.weights import best_member
+from m2n2_plugin.weights import fitness_means
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class Settings:
     heldout_tasks: Sequence[str] = ()
     n_heldout_docs: int = 0
     carried: Mapping[str, Any] = field(default_factory=dict)
+    #: How the fitness documents weigh in the competition (weights.FitnessWeights.describe).
+    fitness_weights: str = ""
     #: Warnings the card must carry (e.g. fitness documents from a benchmark's test split).
     warnings: Sequence[str] = ()
 
@@ -212,6 +216,7 @@ def model_card(
 Evolved with M2N2 (Model Merging of Natural Niches): split-point SLERP merges of an archive of
 {settings.archive_size} models under resource competition, scored per document with
 lm-eval ({", ".join(settings.tasks)}, metric `{settings.metric}`).
+Fitness weights: {settings.fitness_weights or "every fitness document weighs the same"}.
 
 ## Seeds
 {seed_list}
@@ -319,8 +324,8 @@ def write_outputs(
     if not archive.members:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-    means = archive.mean_scores
-    best = archive.best()
+    means = fitness_means(archive)  # weighted as the archive competed (weights.py)
+    best = best_member(archive)
     scores = heldout(best)
     tmp = Path(tempfile.mkdtemp(prefix=".best-tmp-", dir=out))
     try:

@@ -33,6 +33,7 @@ from m2n2_plugin.layout import Architecture
 from m2n2_plugin.models import Seed
 from m2n2_plugin.report import Settings
 from m2n2_plugin.report import write_outputs
+from m2n2_plugin.weights import FitnessWeights
 from m2n2_plugin.workers import MemberEvicted
 from m2n2_plugin.workers import member_file
 from m2n2_plugin.workers import sync_files
@@ -93,6 +94,8 @@ class RunState:
     #: The model's architecture (tensor order, layers), built once by ``prepare``: every
     #: merge of the run plans its pair of parents against it.
     arch: Architecture | None = None
+    #: The fitness documents' weights (weights.py); None: every document the same.
+    fitness_weights: FitnessWeights | None = None
 
     # ----------------------------------------------------------------- archive helpers
     def trial_attrs(self, number: int) -> dict[str, Any]:
@@ -176,6 +179,7 @@ class RunState:
             heldout_tasks=list(self.heldout_docs.ids),
             n_heldout_docs=len(self.heldout_docs),
             carried=self.carried,
+            fitness_weights=self.fitness_weights.describe() if self.fitness_weights else "",
             warnings=[w for w in [self.study.user_attrs.get("m2n2.benchmark_warning")] if w],
         )
         return write_outputs(

@@ -81,7 +81,8 @@ class FoldState:
     """The archive as of a fold position: the fold of every finished trial numbered below it.
 
     ``slots[i]`` is the trial number of the member in slot ``i`` (None: empty). ``seeds`` are the
-    seed indices of folded COMPLETE seed trials; ``n_folded`` counts the COMPLETE trials with
+    seed indices of folded COMPLETE seed trials (with scores) and PRUNED ones (rejected early:
+    not issued again); ``n_folded`` counts the COMPLETE trials with
     scores that were folded (each trial once, whether it entered the archive or not).
     """
 

@@ -72,10 +72,12 @@ class Archive:
         so its evaluation can stop (raise ``optuna.TrialPruned``: the fold skips the trial,
         exactly as it would have dropped the child).
 
-        For children only: a pruned seed trial frees its seed, which is then issued again.
-        Like :meth:`entry_slot` this is exact with one worker; with several, trials that finish
-        first may change the archive before this one is folded. True while the archive has no
-        member (the child would take an empty slot).
+        A seed that finds the archive full competes like a child, so the same test applies
+        to it (with an empty slot it is always True); a pruned seed trial counts as rejected
+        and its seed is not issued again. Like :meth:`entry_slot` this is exact with one
+        worker; with several, trials that finish first may change the archive before this one
+        is folded. True while the archive has no member (the child would take an empty
+        slot).
         """
         if not self.members:
             return True

@@ -2,8 +2,10 @@
 
 The archive is a deterministic *fold* over the study's trials in trial
 number order: each COMPLETE trial with scores is applied once (a seed to the first empty slot,
-everything else by the replacement rule); FAIL and PRUNED trials and COMPLETE trials without
-scores are skipped; the fold stops at the first trial that has not finished. So with one worker
+everything else, and a seed that finds no empty slot, by the replacement rule); FAIL and PRUNED
+trials and COMPLETE trials without scores change no slot (a PRUNED seed is marked done: it was
+rejected early and is not issued again); the fold stops at the first trial that has not
+finished. So with one worker
 the archive that trial ``n`` sees is exactly the official steady-state algorithm after ``n``
 steps, and with several workers it is the finished prefix of the study. The fold's result is
 cached in the study's system attrs; since the fold is deterministic every worker that advances
@@ -161,6 +163,8 @@ class ArchiveFold:
                 break
             if trial.state == TrialState.COMPLETE:
                 matrix = self._fold(study, state, matrix, trial)
+            elif trial.state == TrialState.PRUNED:
+                self._note_pruned_seed(state, trial)
             state.position += 1
         if state.position > start:
             stored = state.to_json()
@@ -242,6 +246,14 @@ class ArchiveFold:
             with self.lock:
                 self.cache(study).rows[trial.number] = scores
         return matrix
+
+    @staticmethod
+    def _note_pruned_seed(state: FoldState, trial: FrozenTrial) -> None:
+        """A PRUNED seed trial was evaluated and rejected (early rejection: it could not
+        enter the full archive), so its seed is not issued again; it changes no slot."""
+        plan = own_plan(trial.system_attrs, trial.number)
+        if plan is not None and plan["role"] == "seed" and plan["seed"] not in state.seeds:
+            state.seeds.append(int(plan["seed"]))
 
     def _matrix(self, study: Study, state: FoldState) -> NDArray[np.float64]:
         matrix = np.zeros((self._archive_size, state.n_examples or 0))

@@ -74,8 +74,12 @@ class M2N2Sampler(BaseSampler):
             i.i.d. by shared fitness).
         use_split_point: draw a split point (False: the ablation, ``split_point`` is 1.0, i.e.
             one ratio for every parameter).
-        n_seeds: number of initial models; trials are seeds until each seed is COMPLETE or in
-            flight, and a seed whose trial fails is issued again.
+        n_seeds: number of initial models, any number (more than ``archive_size`` too). Seeds
+            are issued in index order, lowest free index first, one per trial, until each is
+            COMPLETE, PRUNED or in flight; then every trial is a child. The first seeds to
+            complete fill the empty slots; a seed that finds the archive full competes like a
+            child (:func:`.niches.replace_index`). A FAILed seed trial (or a COMPLETE one
+            without scores) is issued again; a PRUNED one counts as rejected and is not.
         seed: seed for the per-trial random streams (``default_rng([seed, trial.number])``), so
             one worker with the same seed draws the same plans, resumed or not.
         independent_sampler: samples every parameter other than ``mix_ratio`` and
@@ -339,8 +343,8 @@ class M2N2Sampler(BaseSampler):
         for k in range(state.position, number):
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, k)
             trial = storage.get_trial(trial_id)
-            if trial.state not in (TrialState.RUNNING, TrialState.COMPLETE):
-                continue  # FAIL / PRUNED: its seed is free again; WAITING: not planned
+            if trial.state not in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED):
+                continue  # FAIL: its seed is free again; WAITING: not planned
             plan = own_plan(trial.system_attrs, k)
             if plan is None and trial.state == TrialState.RUNNING:
                 plan = self._await_plan(storage, trial_id, k)

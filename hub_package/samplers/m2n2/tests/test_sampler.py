@@ -141,6 +141,64 @@ def test_failed_seed_is_issued_again() -> None:
     assert sampler.seed_index(study.ask()) == 1
 
 
+def test_more_seeds_than_slots_compete() -> None:
+    # Six seeds, four slots: every seed is evaluated (in index order, before any child), the
+    # first four fill the slots, seeds 4 and 5 enter only through the replacement rule.
+    rows = [
+        [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [0.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+        [0.5, 0.0, 0.0, 0.0, 0.0, 0.0],  # half of what seed 0 solves: the weakest
+        [0.0, 0.0, 1.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 1.0, 1.0, 0.0],  # a niche of its own: takes the weakest slot (2)
+        [0.5, 0.0, 0.0, 0.0, 0.0, 0.0],  # f = 1/3 < every member's: dropped
+    ]
+    sampler = m2n2.M2N2Sampler(archive_size=4, n_seeds=6, seed=0)
+    study = optuna.create_study(sampler=sampler)
+    for index, row in enumerate(rows):
+        trial = study.ask()
+        assert sampler.seed_index(trial) == index and sampler.parents(trial) is None
+        if index == 4:
+            assert sampler.archive(study).entry_slot(row, seed=True) == 2
+        sampler.set_scores(trial, row)
+        study.tell(trial, float(np.mean(row)))
+    archive = sampler.archive(study)
+    assert archive.slots == [0, 1, 4, 3]
+    assert archive.slots == refold(m2n2, study.trials, 4)[0]
+    assert sampler.parents(study.ask()) is not None  # every seed done: children from now on
+
+
+def test_pruned_seed_is_not_issued_again() -> None:
+    # A seed rejected early (PRUNED) was evaluated: the next trial takes the next seed, and
+    # once every seed is done or in flight the trials are children; a FAILed seed is retried.
+    sampler = m2n2.M2N2Sampler(archive_size=2, n_seeds=4, seed=0)
+    study = optuna.create_study(sampler=sampler)
+    for vector in ([1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]):
+        trial = study.ask()
+        sampler.set_scores(trial, vector)
+        study.tell(trial, 0.5)
+    third = study.ask()
+    assert sampler.seed_index(third) == 2
+    # Best case [0, 0, 0, 1]: f = [2, 1.5, child 0.5] -> dropped, whatever example 3 scores.
+    evaluated = np.array([True, True, True, False])
+    assert not sampler.archive(study).can_enter([0.0, 0.0, 0.0, np.nan], evaluated)
+    study.tell(third, state=TrialState.PRUNED)
+    fourth = study.ask()
+    assert sampler.seed_index(fourth) == 3
+    study.tell(fourth, state=TrialState.FAIL)
+    again = study.ask()
+    assert sampler.seed_index(again) == 3  # failed: issued again
+    study.tell(again, state=TrialState.PRUNED)
+    child = study.ask()
+    assert sampler.parents(child) is not None
+    archive = sampler.archive(study)
+    assert archive.slots == [0, 1] and archive.n_folded == 2
+    # A fresh sampler on the same study (a resumed run) reads the same from storage.
+    other = m2n2.M2N2Sampler(archive_size=2, n_seeds=4, seed=0)
+    other_study = optuna.load_study(study_name=study.study_name, storage=study._storage)
+    other_study.sampler = other
+    assert other.parents(other_study.ask()) is not None
+
+
 def test_seed_that_solves_nothing_keeps_its_slot() -> None:
     # Through the competition, seed 1 would take seed 0's slot (both f = 0 ... first index).
     sampler = m2n2.M2N2Sampler(archive_size=3, n_seeds=2, seed=0)
