@@ -106,8 +106,8 @@ def test_misspelt_device_is_a_config_error(
 def test_device_flag_reaches_the_resident_model(workspace: Path) -> None:
     """``--device cpu`` over a config that names another device: the run uses the flag's."""
     from m2n2_plugin.config import load_config
+    from m2n2_plugin.config import with_device
     from m2n2_plugin.evolve import prepare
-    from m2n2_plugin.evolve import with_device
 
     cfg = load_config(write_config(workspace, "flag-cpu", fitness__device="cuda:7"))
     run = prepare(with_device(cfg, "cpu"))

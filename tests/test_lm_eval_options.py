@@ -239,8 +239,8 @@ def test_benchmark_test_split_warning(
 
 
 def test_no_benchmark_warning_for_own_tasks(folder: Path) -> None:
-    from m2n2_plugin.evolve import load_fitness
     from m2n2_plugin.fitness import benchmark_warning
+    from m2n2_plugin.fitness import load_fitness
 
     fitness, docs, _ = load_fitness(parse_config(config(folder), base_dir=folder))
     assert benchmark_warning({t: fitness._loaded["tasks"][t] for t in docs.ids}) is None

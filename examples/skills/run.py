@@ -146,7 +146,7 @@ class Scorer:
         from transformers import AutoTokenizer
 
         from m2n2_plugin.config import load_config
-        from m2n2_plugin.evolve import load_fitness
+        from m2n2_plugin.fitness import load_fitness
 
         cfg = load_config(CONFIG)
         fc = cfg.fitness

@@ -228,3 +228,15 @@ def load_config(path: str | Path) -> EvolveConfig:
     if isinstance(data, dict) and "base_dir" in data:
         raise M2N2Error(f"{p}: unknown key 'base_dir'")
     return parse_config(data, p.resolve().parent, source=str(p))
+
+
+def with_device(cfg: EvolveConfig, device: str) -> EvolveConfig:
+    """``cfg`` with ``fitness.device`` replaced (spelling checked as the config checks it)."""
+    from m2n2_plugin.devices import check_device_name
+
+    try:
+        check_device_name(device)
+    except ValueError as exc:
+        raise M2N2Error(f"--device: {exc}") from exc
+    fitness = cfg.fitness.model_copy(update={"device": device})
+    return cfg.model_copy(update={"fitness": fitness})

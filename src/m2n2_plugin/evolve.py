@@ -31,13 +31,12 @@ from m2n2_plugin import tracking
 from m2n2_plugin.config import EvolveConfig
 from m2n2_plugin.config import load_config
 from m2n2_plugin.config import load_yaml
+from m2n2_plugin.config import with_device
 from m2n2_plugin.devices import resolve_device
 from m2n2_plugin.errors import M2N2Error
-from m2n2_plugin.fitness import DocSet
-from m2n2_plugin.fitness import LmEvalFitness
 from m2n2_plugin.fitness import benchmark_warning
 from m2n2_plugin.fitness import hflm_model_args
-from m2n2_plugin.fitness import resolve_doc_ids
+from m2n2_plugin.fitness import load_fitness
 from m2n2_plugin.layout import Architecture
 from m2n2_plugin.models import check_compatible
 from m2n2_plugin.models import check_tokenizers
@@ -303,44 +302,6 @@ class _OneLineErrors(logging.Filter):
         return True
 
 
-def load_fitness(cfg: EvolveConfig) -> tuple[LmEvalFitness, DocSet, DocSet]:
-    """The config's lm-eval tasks (loaded once), fitness documents and held-out documents.
-
-    ``int`` held-out specs start after the fitness documents of each task; a held-out
-    document that is also a fitness document is an error.
-    """
-    fc = cfg.fitness
-    paths = [fc.include_path] if isinstance(fc.include_path, str) else fc.include_path or []
-    fitness = LmEvalFitness(
-        fc.tasks,
-        metric=fc.metric,
-        filter=fc.filter,
-        include_path=[str(cfg.resolve(p)) for p in paths] or None,
-        include_defaults=fc.include_defaults,
-        num_fewshot=fc.num_fewshot,
-        gen_kwargs=fc.gen_kwargs,
-        apply_chat_template=fc.apply_chat_template,
-        system_instruction=fc.system_instruction,
-        fewshot_as_multiturn=fc.fewshot_as_multiturn,
-        confirm_run_unsafe_code=fc.confirm_run_unsafe_code,
-    )
-    # Groups in fc.tasks stand for their subtasks: documents are chosen per subtask.
-    fit_ids = resolve_doc_ids(fc.fitness_docs, fitness.tasks, fitness.sizes, "fitness")
-    if not fit_ids:
-        raise M2N2Error("the fitness set is empty")
-    ends = {t: (max(ids) + 1 if ids else 0) for t, ids in fit_ids.items()}
-    held_ids = resolve_doc_ids(
-        fc.heldout_docs, fitness.tasks, fitness.sizes, "heldout", start=ends
-    )
-    for task, ids in held_ids.items():
-        overlap = set(ids) & set(fit_ids.get(task, []))
-        if overlap:
-            raise M2N2Error(
-                f"held-out document {min(overlap)} of task {task!r} is also a fitness document"
-            )
-    return fitness, DocSet(fit_ids), DocSet(held_ids)
-
-
 def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     """Validate everything that can be checked before the first trial, then open the study."""
     from transformers import AutoConfig
@@ -460,18 +421,6 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         fitness_weights=weights,
     )
     return run
-
-
-def with_device(cfg: EvolveConfig, device: str) -> EvolveConfig:
-    """``cfg`` with ``fitness.device`` replaced (spelling checked as the config checks it)."""
-    from m2n2_plugin.devices import check_device_name
-
-    try:
-        check_device_name(device)
-    except ValueError as exc:
-        raise M2N2Error(f"--device: {exc}") from exc
-    fitness = cfg.fitness.model_copy(update={"device": device})
-    return cfg.model_copy(update={"fitness": fitness})
 
 
 def evolve(

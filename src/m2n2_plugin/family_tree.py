@@ -49,20 +49,40 @@ class Node:
         return f"w={self.mix_ratio:.2f} s={self.split_point:.2f}"
 
 
+def ancestors_first(trials: Mapping[int, Any], number: int) -> list[int]:
+    """Trial ``number`` and its ancestors back to the seeds, each once, parents before children.
+
+    ``trials`` maps trial numbers to Optuna trials; a trial with ``m2n2.parents`` in its user
+    attrs is a merge of those two, any other is a seed. Iterative (no recursion limit for deep
+    lineages). The one walk of a lineage: the family tree and ``lineage.yml`` both use it.
+    """
+    order: list[int] = []
+    done: set[int] = set()
+    stack = [number]
+    while stack:
+        n = stack[-1]
+        if n in done:
+            stack.pop()
+            continue
+        parents = trials[n].user_attrs.get("m2n2.parents")
+        todo = [int(p) for p in parents or () if int(p) not in done]
+        if todo:
+            stack.extend(todo)
+            continue
+        done.add(n)
+        order.append(n)
+        stack.pop()
+    return order
+
+
 def ancestry(trials: Mapping[int, Any], number: int) -> dict[int, Node]:
     """Trial ``number`` and every ancestor back to the seeds, by trial number.
 
     ``trials`` maps trial numbers to Optuna trials (``user_attrs`` with ``m2n2.seed`` /
     ``m2n2.model`` or ``m2n2.parents``, ``params`` with ``mix_ratio`` / ``split_point``).
-    Iterative (no recursion limit for deep lineages).
     """
     nodes: dict[int, Node] = {}
-    stack = [number]
-    while stack:
-        n = stack[-1]
-        if n in nodes:
-            stack.pop()
-            continue
+    for n in ancestors_first(trials, number):
         trial = trials[n]
         attrs = trial.user_attrs
         value = None if trial.value is None else float(trial.value)
@@ -71,13 +91,8 @@ def ancestry(trials: Mapping[int, Any], number: int) -> dict[int, Node]:
             if name is None and "m2n2.seed" in attrs:
                 name = f"seed {attrs['m2n2.seed']}"
             nodes[n] = Node(n, value, 0, seed_name=name)
-            stack.pop()
             continue
         a, b = (int(p) for p in attrs["m2n2.parents"])
-        todo = [p for p in (a, b) if p not in nodes]
-        if todo:
-            stack.extend(todo)
-            continue
         nodes[n] = Node(
             n,
             value,
@@ -86,7 +101,6 @@ def ancestry(trials: Mapping[int, Any], number: int) -> dict[int, Node]:
             mix_ratio=float(trial.params["mix_ratio"]),
             split_point=float(trial.params["split_point"]),
         )
-        stack.pop()
     return nodes
 
 

@@ -21,11 +21,15 @@ import os
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from typing import Any
 
 import numpy as np
 
 from m2n2_plugin.errors import M2N2Error
+
+if TYPE_CHECKING:
+    from m2n2_plugin.config import EvolveConfig
 
 
 @dataclass(frozen=True)
@@ -446,3 +450,41 @@ def write_samples(rows: Sequence[Mapping[str, Any]], path: os.PathLike[str] | st
         for row in rows:
             fh.write(json.dumps(row, default=handle_non_serializable, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def load_fitness(cfg: EvolveConfig) -> tuple[LmEvalFitness, DocSet, DocSet]:
+    """The config's lm-eval tasks (loaded once), fitness documents and held-out documents.
+
+    ``int`` held-out specs start after the fitness documents of each task; a held-out
+    document that is also a fitness document is an error.
+    """
+    fc = cfg.fitness
+    paths = [fc.include_path] if isinstance(fc.include_path, str) else fc.include_path or []
+    fitness = LmEvalFitness(
+        fc.tasks,
+        metric=fc.metric,
+        filter=fc.filter,
+        include_path=[str(cfg.resolve(p)) for p in paths] or None,
+        include_defaults=fc.include_defaults,
+        num_fewshot=fc.num_fewshot,
+        gen_kwargs=fc.gen_kwargs,
+        apply_chat_template=fc.apply_chat_template,
+        system_instruction=fc.system_instruction,
+        fewshot_as_multiturn=fc.fewshot_as_multiturn,
+        confirm_run_unsafe_code=fc.confirm_run_unsafe_code,
+    )
+    # Groups in fc.tasks stand for their subtasks: documents are chosen per subtask.
+    fit_ids = resolve_doc_ids(fc.fitness_docs, fitness.tasks, fitness.sizes, "fitness")
+    if not fit_ids:
+        raise M2N2Error("the fitness set is empty")
+    ends = {t: (max(ids) + 1 if ids else 0) for t, ids in fit_ids.items()}
+    held_ids = resolve_doc_ids(
+        fc.heldout_docs, fitness.tasks, fitness.sizes, "heldout", start=ends
+    )
+    for task, ids in held_ids.items():
+        overlap = set(ids) & set(fit_ids.get(task, []))
+        if overlap:
+            raise M2N2Error(
+                f"held-out document {min(overlap)} of task {task!r} is also a fitness document"
+            )
+    return fitness, DocSet(fit_ids), DocSet(held_ids)

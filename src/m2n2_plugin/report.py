@@ -66,23 +66,13 @@ def lineage_docs(
     """
     docs: dict[int, dict[str, Any]] = {}
     ref: dict[int, str] = {}
-    stack = [number]
-    while stack:
-        n = stack[-1]
-        if n in ref:
-            stack.pop()
-            continue
+    for n in family_tree.ancestors_first(trials, number):
         trial = trials[n]
         attrs = trial.user_attrs
-        if "m2n2.seed" in attrs:
+        if "m2n2.parents" not in attrs:
             ref[n] = seeds[int(attrs["m2n2.seed"])].reference  # hub id@rev, or local path
-            stack.pop()
             continue
-        a, b = attrs["m2n2.parents"]
-        todo = [p for p in (a, b) if p not in ref]
-        if todo:
-            stack.extend(todo)
-            continue
+        a, b = (int(p) for p in attrs["m2n2.parents"])
         params: dict[str, Any] = {
             "mix_ratio": float(trial.params["mix_ratio"]),
             "split_point": float(trial.params["split_point"]),
@@ -101,7 +91,6 @@ def lineage_docs(
                 doc[key] = settings.carried[key]
         docs[n] = doc
         ref[n] = doc["name"]
-        stack.pop()
     ordered = list(docs.values())
     if ordered and ordered[-1]["name"] == f"trial_{number:06d}":
         ordered[-1] = {k: v for k, v in ordered[-1].items() if k != "name"}
