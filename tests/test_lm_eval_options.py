@@ -244,3 +244,32 @@ def test_no_benchmark_warning_for_own_tasks(folder: Path) -> None:
 
     fitness, docs, _ = load_fitness(parse_config(config(folder), base_dir=folder))
     assert benchmark_warning({t: fitness._loaded["tasks"][t] for t in docs.ids}) is None
+
+
+def test_a_weight_on_a_group_is_the_weight_of_each_of_its_subtasks(
+    folder: Path, two_folders: Path, tmp_path: Path
+) -> None:
+    """``task_weights`` may name a group from ``fitness.tasks``: its subtasks weigh that much
+    (the weights module resolves groups through lm-eval's own group map)."""
+    from m2n2_plugin.fitness import load_fitness
+    from m2n2_plugin.weights import FitnessWeights
+
+    (tmp_path / "solo.yaml").write_text("group: tiny_solo\ntask:\n  - tiny_gsm_b\n")
+    cfg = config(
+        folder,
+        include_path=["tasks", str(two_folders), str(tmp_path)],
+        tasks=["tiny_solo", "tiny_gsm"],
+        fitness_docs=3,
+        heldout_docs=2,
+        confirm_run_unsafe_code=True,
+        task_weights={"tiny_solo": 3.0},
+    )
+    parsed = parse_config(cfg, base_dir=folder)
+    fitness, docs, _ = load_fitness(parsed)
+    assert list(docs.ids) == ["tiny_gsm_b", "tiny_gsm"]
+    weights = FitnessWeights.from_config("per_task", parsed.fitness.task_weights, docs, fitness)
+    assert weights.task_weights == {"tiny_gsm_b": 3.0, "tiny_gsm": 1.0}
+    assert weights.per_document["tiny_gsm_b"] == pytest.approx(
+        3 * weights.per_document["tiny_gsm"]
+    )
+    assert weights.capacity is not None and weights.capacity.mean() == pytest.approx(1.0)

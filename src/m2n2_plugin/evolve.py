@@ -367,7 +367,7 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         study.set_user_attr("m2n2.seeds", [[s.name, str(s.path)] for s in seeds])
         study.set_user_attr(STUDY_ATTR, weights.to_json())
         # Said once at start (below) and carried into the model card (report.Settings).
-        warning = benchmark_warning({t: fitness._loaded["tasks"][t] for t in fitness_docs.ids})
+        warning = benchmark_warning({t: fitness.task(t) for t in fitness_docs.ids})
         study.set_user_attr("m2n2.benchmark_warning", warning)
         if warning:
             LOG.warning("m2n2: warning: %s", warning)

@@ -373,6 +373,14 @@ class LmEvalFitness:
             task.set_fewshot_seed(seed=fewshot_seed)
             self.sizes[name] = len(list(task.eval_docs))
 
+    def subtasks(self, name: str) -> list[str]:
+        """The tasks lm-eval scores for ``name`` (itself, or a group's or tag's subtasks)."""
+        return _leaf_tasks(self._loaded, [name])
+
+    def task(self, name: str) -> Any:
+        """lm-eval's task object of one (leaf) task."""
+        return self._loaded["tasks"][name]
+
     def generation_settings(self) -> dict[str, Any]:
         """The effective generation settings per task (logged with the study)."""
         out = {}

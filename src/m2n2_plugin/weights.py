@@ -68,12 +68,9 @@ class FitnessWeights:
         has one of its own.
         """
         given = dict(task_weights or {})
-        loaded = getattr(fitness, "_loaded", None)
-        if loaded is not None:
-            from m2n2_plugin.fitness import _leaf_tasks
-
+        if fitness is not None:
             for name, weight in list(given.items()):
-                for leaf in _leaf_tasks(loaded, [name]):
+                for leaf in fitness.subtasks(name):
                     if leaf != name:
                         given.setdefault(leaf, weight)
         weights = {task: float(given.get(task, 1.0)) for task in docs.ids}
