@@ -468,10 +468,9 @@ def evolve(
 
     def after(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         arch = run.sync_files()
-        line = run.log_trial(frozen, arch)
-        means = arch.mean_scores if len(arch) else np.zeros(1)
+        line, record = run.log_trial(frozen, arch)
         bar.update(1)
-        bar.set_postfix(best=f"{means.max():.3f}", coverage=f"{arch.coverage:.3f}")
+        bar.set_postfix(best=f"{record['archive_best']:.3f}", coverage=f"{record['coverage']:.3f}")
         if progress:
             bar.write(line)
         if on_trial is not None:

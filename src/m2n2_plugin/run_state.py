@@ -20,7 +20,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import torch
 
@@ -34,6 +33,7 @@ from m2n2_plugin.models import Seed
 from m2n2_plugin.report import Settings
 from m2n2_plugin.report import write_outputs
 from m2n2_plugin.weights import FitnessWeights
+from m2n2_plugin.weights import archive_figures
 from m2n2_plugin.workers import MemberEvicted
 from m2n2_plugin.workers import member_file
 from m2n2_plugin.workers import sync_files
@@ -229,14 +229,12 @@ class RunState:
                 self.study.set_user_attr("m2n2.heldout_samples_of", key)
         return cache[key]
 
-    def log_trial(self, frozen: optuna.trial.FrozenTrial, arch: Any) -> str:
-        """Append a finished trial to ``trials.log`` (one line, returned) and ``history.jsonl``.
+    def log_trial(self, frozen: optuna.trial.FrozenTrial, arch: Any) -> tuple[str, dict[str, Any]]:
+        """Append a finished trial to ``trials.log`` and ``history.jsonl``; returns both.
 
         ``arch`` is the archive after the trial; both files are appended to by every worker,
         so a run's history survives interruptions and resumptions.
         """
-        means = arch.mean_scores if len(arch) else np.zeros(1)
-        coverage = arch.coverage
         attrs = frozen.user_attrs
         if "m2n2.seed" in attrs:
             what = f"seed {attrs['m2n2.model']}"
@@ -261,9 +259,7 @@ class RunState:
         record = {
             "trial": frozen.number,
             "value": frozen.value,
-            "archive_best": float(means.max()),
-            "archive_mean": float(means.mean()),
-            "coverage": coverage,
+            **archive_figures(arch),
             "members": arch.members,
         }
         for path, text in (
@@ -275,7 +271,7 @@ class RunState:
                     fh.write(text + "\n")
             except OSError as exc:
                 raise write_error(path, exc) from exc
-        return line
+        return line, record
 
     def save_member(self, number: int, folder: Path) -> None:
         """Write archive member ``number`` as a Hugging Face model folder."""

@@ -35,6 +35,7 @@ import optuna
 from m2n2_plugin import dashboard
 from m2n2_plugin.config import EvolveConfig
 from m2n2_plugin.errors import M2N2Error
+from m2n2_plugin.weights import archive_figures
 
 Callback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
 
@@ -85,11 +86,8 @@ def mlflow_uri(cfg: EvolveConfig) -> str | None:
 
 def trial_metrics(archive: Any, trial: optuna.trial.FrozenTrial) -> dict[str, float]:
     """What M2N2 adds to a trial's value: the archive after it, and how far it was scored."""
-    means = archive.mean_scores
     metrics = {
-        "coverage": float(archive.coverage),
-        "archive_best": float(means.max()) if len(means) else 0.0,
-        "archive_mean": float(means.mean()) if len(means) else 0.0,
+        **archive_figures(archive),
         "archive_members": float(len(archive.members)),
         "in_archive": float(trial.number in archive.members),
     }

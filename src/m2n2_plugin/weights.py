@@ -136,6 +136,17 @@ def fitness_means(archive: Any) -> np.ndarray:
     return archive.scores @ archive.capacity / archive.capacity.sum()
 
 
+def archive_figures(archive: Any) -> dict[str, float]:
+    """The archive after a trial as ``history.jsonl``, the progress bar and the trackers log
+    it: best and mean of the members' plain mean scores, and coverage (0 while empty)."""
+    means = archive.mean_scores if len(archive.members) else np.zeros(1)
+    return {
+        "archive_best": float(means.max()),
+        "archive_mean": float(means.mean()),
+        "coverage": float(archive.coverage),
+    }
+
+
 def best_member(archive: Any) -> int | None:
     """The member with the highest :func:`fitness_means` (first slot on a tie), None while
     the archive is empty; without a capacity exactly ``archive.best()``. The one pick of
