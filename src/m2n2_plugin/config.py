@@ -17,6 +17,7 @@ an error, not a silently ignored setting. Example::
       n_trials: 500
       archive_size: 20
       seed: 0
+      seed_config_merge: true         # the config's own merge is a seed too: refine it
       tracking: mlflow                # optional: log every trial to MLflow (or wandb)
 """
 
@@ -142,6 +143,9 @@ class SearchConfig(BaseModel):
     # the same as without it). Documents are scored in chunks of this many, hardest first.
     early_rejection: bool = True
     rejection_chunk: int | None = Field(default=None, ge=1)
+    # Refine the merge you already have: the mergekit config's own merge (merged once by
+    # mergekit into <output_dir>/config_merge) is one more seed, after the config's models.
+    seed_config_merge: bool = False
     storage: str | None = None
     study_name: str = "m2n2"
     heartbeat_interval: int | None = Field(default=60, ge=1)

@@ -40,7 +40,9 @@ from m2n2_plugin.fitness import load_fitness
 from m2n2_plugin.layout import Architecture
 from m2n2_plugin.models import check_compatible
 from m2n2_plugin.models import check_tokenizers
+from m2n2_plugin.models import config_merge_seed
 from m2n2_plugin.models import seeds_from_mergekit
+from m2n2_plugin.models import write_config_merge
 from m2n2_plugin.run_state import DONE_STATES
 from m2n2_plugin.run_state import RunState
 from m2n2_plugin.run_state import TrialTiming
@@ -329,6 +331,8 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     seeds, carried = seeds_from_mergekit(mk_data, mk_dir)
     check_compatible(seeds)
     check_tokenizers(seeds)
+    if cfg.search.seed_config_merge:  # merged below, into the output folder
+        seeds.append(config_merge_seed(mk_data, mk_dir, out))
 
     # Fitness: tasks loaded once; documents resolved to explicit ids.
     fc = cfg.fitness
@@ -345,6 +349,13 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         probe.unlink()
     except OSError as exc:
         raise M2N2Error(f"output folder {str(out)!r} is not writable ({exc.strerror})") from exc
+    if cfg.search.seed_config_merge:  # before the study: a merge that fails leaves nothing
+        try:
+            write_config_merge(seeds[-1], str(device))
+        except OSError as exc:
+            raise write_error(Path(exc.filename or seeds[-1].path), exc) from exc
+        check_compatible([seeds[0], seeds[-1]])
+        check_tokenizers([seeds[0], seeds[-1]])
     sampler = M2N2Sampler(
         archive_size=cfg.search.archive_size,
         alpha=cfg.search.alpha,

@@ -8,11 +8,15 @@ front that they can be merged at all: same architecture, same tensor names and s
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +44,22 @@ class Seed:
     name: str
     path: Path
     source: str = ""
+    #: ``search.seed_config_merge``: the mergekit config (model paths resolved) whose merge
+    #: this seed is; it lives in the run's output folder and a lineage rebuilds it from this.
+    recipe: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def reference(self) -> str:
         return self.source or str(self.path)
+
+    @property
+    def identity(self) -> str:
+        """What a resumed run must find again: the folder, and for a merge its recipe too
+        (the folder's name never changes when the mergekit config does)."""
+        if self.recipe is None:
+            return str(self.path)
+        digest = hashlib.sha1(json.dumps(self.recipe, sort_keys=True).encode()).hexdigest()
+        return f"{self.path} (merge {digest})"
 
 
 def _resolve_model(name: str, base_dirs: list[Path], revision: str | None = None) -> Path:
@@ -125,6 +141,103 @@ def seeds_from_mergekit(data: dict[str, Any], base_dir: Path) -> tuple[list[Seed
     if mc.base_model is not None:
         carried["base_model"] = str(_resolve_model(str(mc.base_model.model.path), dirs))
     return seeds, carried
+
+
+#: ``search.seed_config_merge``: the output folder's subfolder holding the config's merge, and
+#: that merge's stage name in a ``lineage.yml`` (mergekit-multi).
+CONFIG_MERGE = "config_merge"
+#: Written into that folder once the merge is complete: the recipe it was made from.
+RECIPE_STAMP = "m2n2_recipe.txt"
+
+
+def _resolved_reference(value: Any, dirs: list[Path], what: str) -> Any:
+    """A model reference of a mergekit config as an absolute folder (others left as they are)."""
+    if not isinstance(value, str) or value in ("base", "union"):
+        return value
+    from mergekit.common import ModelReference
+
+    ref = ModelReference.parse(value)
+    if ref.lora is not None:
+        raise M2N2Error(
+            f"search.seed_config_merge: {what} {value!r} applies a LoRA (model+lora), which "
+            "m2n2 evolve does not support; merge the adapter into the model first"
+        )
+    return str(_resolve_model(ref.model.path, dirs, ref.model.revision))
+
+
+def config_merge_seed(data: dict[str, Any], base_dir: Path, out: Path) -> Seed:
+    """The seed that ``search.seed_config_merge`` adds: the mergekit config's own merge.
+
+    Its recipe is the config with every model reference resolved as the seeds are (relative to
+    the config's folder, then the working directory; hub ids to their local snapshot), so the
+    merge is the same wherever it runs from. Nothing is merged here (:func:`write_config_merge`).
+    """
+    dirs = [base_dir, Path.cwd()]
+    recipe = copy.deepcopy(data)
+    for key in ("base_model", "tokenizer_source"):
+        if key in recipe:
+            recipe[key] = _resolved_reference(recipe[key], dirs, key)
+    if isinstance(recipe.get("tokenizer"), dict) and "source" in recipe["tokenizer"]:
+        tokenizer = recipe["tokenizer"]
+        tokenizer["source"] = _resolved_reference(tokenizer["source"], dirs, "tokenizer.source")
+    entries = list(recipe.get("models") or [])
+    entries += [s for sl in recipe.get("slices") or [] for s in sl.get("sources") or []]
+    for entry in entries:
+        if isinstance(entry, dict) and "model" in entry:
+            entry["model"] = _resolved_reference(entry["model"], dirs, "model")
+    method = recipe.get("merge_method", "merge")
+    return Seed(f"mergekit_config merge ({method})", out / CONFIG_MERGE, recipe=recipe)
+
+
+def write_config_merge(seed: Seed, device: str = "cpu") -> None:
+    """Merge ``seed.recipe`` with mergekit into ``seed.path``, unless it already holds it.
+
+    mergekit's ``run_merge`` with its default options, as ``mergekit-yaml`` runs it, on the
+    evaluation device. Written beside the folder and renamed into place, stamped with the
+    recipe: a killed merge leaves no folder a rerun would trust, and workers that start
+    together each merge and keep the first complete one (the merges are identical). A folder
+    holding another config's merge is never replaced: the archive may be built on it.
+    """
+    stamp = seed.path / RECIPE_STAMP
+
+    def holds_it() -> bool:
+        if not seed.path.exists():
+            return False
+        if stamp.is_file() and stamp.read_text() == seed.identity:
+            return True
+        raise M2N2Error(
+            f"{seed.path} holds the merge of another mergekit config (search.seed_config_merge); "
+            "use another output_dir, or the config this run started with (delete that folder "
+            "only if no study in this output folder has trials yet)"
+        )
+
+    if holds_it():
+        return
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{CONFIG_MERGE}-tmp-", dir=seed.path.parent))
+    try:
+        try:
+            config = MergeConfiguration.model_validate(seed.recipe)
+            source = json.dumps(seed.recipe)
+            run_merge(config, str(tmp), MergeOptions(device=device), config_source=source)
+        except (OSError, M2N2Error):
+            raise
+        except Exception as exc:  # mergekit's own errors: one line, naming the setting
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise M2N2Error(
+                f"search.seed_config_merge: mergekit cannot merge the config ({msg})"
+            ) from exc
+        (tmp / RECIPE_STAMP).write_text(seed.identity)
+        try:
+            os.rename(tmp, seed.path)  # fails if the folder exists: another worker's merge
+        except OSError:
+            if not holds_it():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

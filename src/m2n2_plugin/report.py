@@ -32,6 +32,7 @@ import yaml
 
 from m2n2_plugin import family_tree
 from m2n2_plugin.models import CARRIED_KEYS
+from m2n2_plugin.models import CONFIG_MERGE
 from m2n2_plugin.models import Seed
 from m2n2_plugin.weights import best_member
 from m2n2_plugin.weights import fitness_means
@@ -70,7 +71,13 @@ def lineage_docs(
         trial = trials[n]
         attrs = trial.user_attrs
         if "m2n2.parents" not in attrs:
-            ref[n] = seeds[int(attrs["m2n2.seed"])].reference  # hub id@rev, or local path
+            seed = seeds[int(attrs["m2n2.seed"])]
+            if seed.recipe is None:
+                ref[n] = seed.reference  # hub id@rev, or local path
+                continue
+            # The mergekit config's own merge (search.seed_config_merge): a stage of its own.
+            docs[n] = {"name": CONFIG_MERGE, **seed.recipe}
+            ref[n] = CONFIG_MERGE
             continue
         a, b = (int(p) for p in attrs["m2n2.parents"])
         params: dict[str, Any] = {
@@ -91,10 +98,9 @@ def lineage_docs(
                 doc[key] = settings.carried[key]
         docs[n] = doc
         ref[n] = doc["name"]
-    ordered = list(docs.values())
-    if ordered and ordered[-1]["name"] == f"trial_{number:06d}":
-        ordered[-1] = {k: v for k, v in ordered[-1].items() if k != "name"}
-    return ordered
+    if number in docs:  # the model itself: no name, so --out-path receives it
+        docs[number] = {k: v for k, v in docs[number].items() if k != "name"}
+    return list(docs.values())
 
 
 def write_lineage(docs: list[dict[str, Any]], study_name: str, number: int, path: Path) -> int:
@@ -163,7 +169,9 @@ def model_card(
         for task in settings.heldout_tasks
         if task in best_scores
     ]
-    names = [s.name for s in seeds]
+    # The Hub's model tree: the models the seeds came from (a merge made in the run is not
+    # on the Hub; the models it merged are seeds too).
+    names = [s.name for s in seeds if s.recipe is None]
     data = ModelCardData(
         library_name="transformers",
         base_model=names if len(names) > 1 else names[0],
@@ -172,7 +180,10 @@ def model_card(
         model_name=model_name,
         eval_results=results or None,
     )
-    seed_list = "\n".join(f"- `{s.name}`" for s in seeds)
+    seed_list = "\n".join(
+        f"- `{s.name}`" + (" (merged by mergekit from the config)" if s.recipe else "")
+        for s in seeds
+    )
     cols = [*settings.heldout_tasks, "mean"]
     rows = "\n".join(
         f"| {who} | " + " | ".join(f"{v[t]:.4f}" for t in cols) + " |"

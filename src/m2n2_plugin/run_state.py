@@ -292,10 +292,11 @@ def fingerprint(cfg: EvolveConfig, seeds: list[Seed], fitness: DocSet) -> dict[s
             "rejection_chunk",
             "tracking",
             "tracking_uri",
+            "seed_config_merge",  # the seeds say it (the merge is one, with its recipe)
         }
     )
     return {
-        "seeds": [str(s.path) for s in seeds],
+        "seeds": [s.identity for s in seeds],
         "tasks": cfg.fitness.tasks,
         "metric": cfg.fitness.metric,
         "filter": cfg.fitness.filter,
