@@ -18,7 +18,6 @@ from evolve_workspace import write_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "skills" / "cma_baseline.py"
 
-pytest.importorskip("cmaes", reason="Optuna's CmaEsSampler needs the cmaes package")
 
 
 def _module():

@@ -187,6 +187,7 @@ class Scorer:
         load_checkpoint_into_model(self.model, folder)
         per_doc = self.fitness.score(self.lm, docs)
         out = {"means": docs.task_means(per_doc), "docs": per_doc.tolist()}
+        SCORES.parent.mkdir(parents=True, exist_ok=True)
         SCORES.write_text(json.dumps({**cache, key: out}))
         return out
 
