@@ -19,7 +19,6 @@ from evolve_workspace import write_config
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "skills" / "cma_baseline.py"
 
 
-
 def _module():
     spec = importlib.util.spec_from_file_location("cma_baseline", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
