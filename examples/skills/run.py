@@ -349,6 +349,12 @@ def main() -> None:
         "--cma-granularity", type=int, default=6, help="layers per CMA-ES weight group"
     )
     parser.add_argument(
+        "--no-plain",
+        action="store_true",
+        help="skip evolve.yml (M2N2 from the two specialists alone): with --ta-seed --cma, "
+        "only the head-to-head",
+    )
+    parser.add_argument(
         "--models", default="models", help="specialists' folder (make_specialists.py --models)"
     )
     parser.add_argument(
@@ -423,9 +429,10 @@ def main() -> None:
     for name in ("task arithmetic", "TIES"):
         add(name, merge(name, configs[name]))
     print(table(rows), flush=True)
-    progress = evolve_in_stages(CONFIG, RUN, args.trials, args.stage)
-    m2n2_row = f"M2N2 ({progress[-1]['trials']} trials)"
-    add(m2n2_row, RUN / "best")
+    progress: list[dict] = []
+    if not args.no_plain:
+        progress = evolve_in_stages(CONFIG, RUN, args.trials, args.stage)
+        add(f"M2N2 ({progress[-1]['trials']} trials)", RUN / "best")
     progress_ta: list[dict] = []
     if args.ta_seed:
         progress_ta = evolve_in_stages(CONFIG_TA, RUN_TA, args.trials, args.stage)
@@ -439,7 +446,8 @@ def main() -> None:
 
         if not args.ta_seed:
             parser.error("--cma compares with the --ta-seed run: give both")
-        curves = {"M2N2": m2n2_documents(RUN), "M2N2 refining task arithmetic": []}
+        if progress:
+            curves["M2N2"] = m2n2_documents(RUN)
         curves["M2N2 refining task arithmetic"] = m2n2_documents(RUN_TA)
         budget = curves["M2N2 refining task arithmetic"][-1]["total"]
         cma = CmaBaseline(
@@ -472,7 +480,8 @@ def main() -> None:
         for m in rows
         if m.startswith("M2N2")
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = RESULTS / "vs_cma" if args.cma else RESULTS  # the head-to-head apart
+    results.mkdir(parents=True, exist_ok=True)
     result = {
         "heldout": rows,
         "paired_differences": differences,
@@ -483,25 +492,25 @@ def main() -> None:
         "best_vs_documents": curves,
         "specialists": {s: json.loads((MODELS / s / "train_info.json").read_text()) for s in PAIR},
     }
-    (RESULTS / "results.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "results.md").write_text(table(rows))
-    plot(progress, progress_ta, rows, RESULTS / "heldout_vs_trials.png")
+    (results / "results.json").write_text(json.dumps(result, indent=2))
+    (results / "results.md").write_text(table(rows))
+    plot(progress, progress_ta, rows, results / "heldout_vs_trials.png")
     if curves:
-        plot_budget(curves, RESULTS / "fitness_vs_documents.png")
+        plot_budget(curves, results / "fitness_vs_documents.png")
     print(table(rows))
-    m2n2 = rows[m2n2_row]
-    keep = {
-        s: m2n2[f"skill_{s}"] / max(rows[f"specialist ({s})"][f"skill_{s}"], 1e-9) for s in PAIR
-    }
     for m, against in differences.items():
         for b, d in against.items():
             print(f"{m} - {b}: {said(d)}")
-    print(
-        "kept of each specialist: "
-        + ", ".join(f"{s} {v:.1%}" for s, v in keep.items())
-        + f"; margin over the best baseline on the mean: "
-        f"{m2n2['mean'] - max(rows[k]['mean'] for k in baselines):+.3f}"
-    )
+        keep = {
+            s: rows[m][f"skill_{s}"] / max(rows[f"specialist ({s})"][f"skill_{s}"], 1e-9)
+            for s in PAIR
+        }
+        print(
+            f"{m}: kept of each specialist: "
+            + ", ".join(f"{s} {v:.1%}" for s, v in keep.items())
+            + f"; margin over the best baseline on the mean: "
+            f"{rows[m]['mean'] - max(rows[k]['mean'] for k in baselines):+.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("example", help="build the tiny built-in example and evolve it")
     ex.add_argument("folder", nargs="?", default="m2n2-example", help="where to build it")
     ex.add_argument("-n", "--n-trials", type=int, help="trials (default: the example's)")
-    ex.add_argument("--seed", type=int, default=0, help="training seed of the specialists")
+    ex.add_argument(
+        "--seed",
+        type=int,
+        help="training seed of the specialists (default: m2n2_plugin.example.DEFAULT_SEED)",
+    )
     ex.add_argument("--search-seed", type=int, default=0, help="seed of the M2N2 search")
     ex.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -67,10 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from m2n2_plugin.evolve import evolve
 
         if args.command == "example":
+            from m2n2_plugin.example import DEFAULT_SEED
             from m2n2_plugin.example import build_example
 
+            seed = DEFAULT_SEED if args.seed is None else args.seed
             config = build_example(
-                args.folder, seed=args.seed, search_seed=args.search_seed, n_trials=args.n_trials
+                args.folder, seed=seed, search_seed=args.search_seed, n_trials=args.n_trials
             )
             print(f"example built in {config.parent}; evolving (rerun: m2n2 evolve {config})")
             run = evolve(config, n_trials=args.n_trials, progress=not args.no_progress)

@@ -56,6 +56,11 @@ ATTEMPTS = 5
 HIDDEN = 64
 #: Bump when the training changes: cached specialists of another recipe are trained again.
 RECIPE = 3
+#: The default training seed. Training numerics differ between CPUs, so the same seed gives
+#: other specialists on another processor: seed 0 fused in 5 of 5 searches on the CPU the
+#: example was tuned on and in 2 of 5 on an AMD EPYC, where seeds 1-4 all fused; seed 3 fused
+#: in every search on both (benchmarks/bench_example.py, README "The built-in example").
+DEFAULT_SEED = 3
 #: The search: trials and archive slots (sized so the fusion shows on every training seed:
 #: benchmarks/bench_example.py).
 N_TRIALS = 40
@@ -345,7 +350,7 @@ def _train_once(
 def build_example(
     folder: str | Path,
     n_trials: int | None = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     search_seed: int = 0,
     quiet: bool = False,
 ) -> Path:
