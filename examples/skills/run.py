@@ -279,20 +279,25 @@ def plot(
     best_grid = next((k for k in rows if k.startswith("slerp best")), None)
     if best_grid:
         refs[best_grid] = ("C6", "--")
+    cma = next((k for k in rows if k.startswith("CMA-ES")), None)
+    if cma:
+        refs[cma] = ("C9", "-.")
     for ax, key, title in zip(
         axes,
         [f"skill_{s}" for s in PAIR] + ["mean"],
         [LABEL[s] for s in PAIR] + ["mean"],
         strict=True,
     ):
-        ax.plot(x, [p["heldout"][key] for p in progress], "o-", color="C0", label="M2N2 best")
+        if progress:
+            y = [p["heldout"][key] for p in progress]
+            ax.plot(x, y, "o-", color="C0", label="M2N2 best")
         if progress_ta:
             ax.plot(
                 [p["trials"] for p in progress_ta],
                 [p["heldout"][key] for p in progress_ta],
                 "s-",
                 color="C7",
-                label="M2N2, + task arithmetic seed",
+                label="M2N2 refining task arithmetic",
             )
         for name, (color, style) in refs.items():
             if name in rows:
