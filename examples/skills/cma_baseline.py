@@ -175,11 +175,3 @@ class CmaBaseline:
             )
             tmp.rename(best)
         return best
-
-    def wall(self) -> float:
-        """Seconds inside trials (merge + load + scoring)."""
-        return sum(
-            (t.datetime_complete - t.datetime_start).total_seconds()
-            for t in self.study.trials
-            if t.datetime_complete
-        )
