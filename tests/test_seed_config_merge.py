@@ -8,6 +8,7 @@ child of it from the original models, and a config mergekit cannot merge must gi
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -72,7 +73,7 @@ def _config(workspace: Path, name: str, n_trials: int, **overrides: object) -> P
     )
 
 
-def _digests(folder: Path) -> dict[str, torch.Tensor]:
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
@@ -86,7 +87,7 @@ def test_the_extra_seed_is_the_configs_merge_and_a_rerun_resumes_on_it(
     # The seeds: the config's models, then its merge, bit for bit mergekit-yaml's.
     assert [s.name for s in run.seeds] == ["m1", "m2", "mergekit_config merge (task_arithmetic)"]
     assert run.seeds[-1].path == merged
-    ours, theirs = _digests(merged), _digests(mergekit_yaml_merge)
+    ours, theirs = _tensors(merged), _tensors(mergekit_yaml_merge)
     assert ours.keys() == theirs.keys()
     for name, tensor in theirs.items():
         assert torch.equal(ours[name], tensor), name
@@ -94,7 +95,7 @@ def test_the_extra_seed_is_the_configs_merge_and_a_rerun_resumes_on_it(
     trials = run.study.get_trials(deepcopy=False)
     seed_trial = next(t for t in trials if t.user_attrs.get("m2n2.seed") == 2)
     assert seed_trial.user_attrs["m2n2.model"] == "mergekit_config merge (task_arithmetic)"
-    summary = yaml.safe_load((run.out / "summary.json").read_text())
+    summary = json.loads((run.out / "summary.json").read_text())
     assert summary["best_fitness"] >= seed_trial.value
     # Held-out scores of every seed, the merge included, in the report.
     assert "seed mergekit_config merge (task_arithmetic)" in summary["heldout"]
@@ -151,7 +152,7 @@ def test_lineage_rebuilds_a_child_of_the_merge_from_the_original_models(
         env=worker_env(),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rebuilt = _digests(tmp_path / "rebuilt")
+    rebuilt = _tensors(tmp_path / "rebuilt")
     a, b = trials[number].user_attrs["m2n2.parents"]
     merge_into_model(
         run.model,
