@@ -78,3 +78,26 @@ def test_names_are_kept_as_written(workspace: Path) -> None:
     assert [s.name for s in seeds] == ["m0", str(workspace / "m1")]
     # Local seeds rebuild from their folder (lineage.yml); a hub seed would keep its id@rev.
     assert [s.reference for s in seeds] == [str(workspace / "m0"), str(workspace / "m1")]
+
+
+def test_lora_base_model_is_refused_not_dropped(workspace: Path) -> None:
+    """A base model with an adapter on top is another model: it is refused, never merged bare."""
+    config = mergekit("m0", "m1")
+    config["base_model"] = "m0+lora"
+    with pytest.raises(M2N2Error) as err:
+        seeds_from_mergekit(config, workspace)
+    message = str(err.value)
+    assert message.startswith("base_model 'm0+lora' applies a LoRA (model+lora)"), message
+    assert "merge_and_unload" in message and "\n" not in message
+
+
+def test_tokenizer_source_revision_is_asked_of_the_hub(workspace: Path) -> None:
+    """``tokenizer_source`` is resolved as the seeds are: its ``@revision`` is kept, not lost."""
+    config = mergekit("m0", "m1")
+    config["tokenizer_source"] = "someorg/sometok@abc123"
+    with pytest.raises(M2N2Error, match=r"model 'someorg/sometok@abc123' not found"):
+        seeds_from_mergekit(config, workspace)
+    config["tokenizer_source"] = "m1"
+    _, carried = seeds_from_mergekit(config, workspace)
+    assert carried["tokenizer_source"] == str((workspace / "m1").resolve())
+    assert carried["base_model"] == str((workspace / "m0").resolve())

@@ -133,13 +133,12 @@ def seeds_from_mergekit(data: dict[str, Any], base_dir: Path) -> tuple[list[Seed
         local = any((d / Path(ref.model.path).expanduser()).is_dir() for d in dirs)
         seeds.append(Seed(str(ref), path, source="" if local else str(ref.model)))
     carried = {k: data[k] for k in CARRIED_KEYS if data.get(k) is not None}
-    if isinstance(carried.get("tokenizer_source"), str) and carried["tokenizer_source"] not in (
-        "base",
-        "union",
-    ):
-        carried["tokenizer_source"] = str(_resolve_model(carried["tokenizer_source"], dirs))
+    if "tokenizer_source" in carried:
+        carried["tokenizer_source"] = _resolved_reference(
+            carried["tokenizer_source"], dirs, "tokenizer_source"
+        )
     if mc.base_model is not None:
-        carried["base_model"] = str(_resolve_model(str(mc.base_model.model.path), dirs))
+        carried["base_model"] = _resolved_reference(str(mc.base_model), dirs, "base_model")
     return seeds, carried
 
 
@@ -151,7 +150,9 @@ RECIPE_STAMP = "m2n2_recipe.txt"
 
 
 def _resolved_reference(value: Any, dirs: list[Path], what: str) -> Any:
-    """A model reference of a mergekit config as an absolute folder (others left as they are)."""
+    """A model reference of a mergekit config (``model@revision`` included) as an absolute
+    folder; ``base`` / ``union`` and non-strings are left as they are. ``what`` names the key in
+    the error. A ``model+lora`` is refused: dropping the adapter would merge another model."""
     if not isinstance(value, str) or value in ("base", "union"):
         return value
     from mergekit.common import ModelReference
@@ -159,8 +160,9 @@ def _resolved_reference(value: Any, dirs: list[Path], what: str) -> Any:
     ref = ModelReference.parse(value)
     if ref.lora is not None:
         raise M2N2Error(
-            f"search.seed_config_merge: {what} {value!r} applies a LoRA (model+lora), which "
-            "m2n2 evolve does not support; merge the adapter into the model first"
+            f"{what} {value!r} applies a LoRA (model+lora), which m2n2 evolve does not "
+            "support; merge the adapter into the model first (peft's merge_and_unload, then "
+            "save_pretrained) and name that folder"
         )
     return str(_resolve_model(ref.model.path, dirs, ref.model.revision))
 
@@ -172,19 +174,21 @@ def config_merge_seed(data: dict[str, Any], base_dir: Path, out: Path) -> Seed:
     the config's folder, then the working directory; hub ids to their local snapshot), so the
     merge is the same wherever it runs from. Nothing is merged here (:func:`write_config_merge`).
     """
-    dirs = [base_dir, Path.cwd()]
+    dirs, where = [base_dir, Path.cwd()], "search.seed_config_merge"
     recipe = copy.deepcopy(data)
     for key in ("base_model", "tokenizer_source"):
         if key in recipe:
-            recipe[key] = _resolved_reference(recipe[key], dirs, key)
+            recipe[key] = _resolved_reference(recipe[key], dirs, f"{where}: {key}")
     if isinstance(recipe.get("tokenizer"), dict) and "source" in recipe["tokenizer"]:
         tokenizer = recipe["tokenizer"]
-        tokenizer["source"] = _resolved_reference(tokenizer["source"], dirs, "tokenizer.source")
+        tokenizer["source"] = _resolved_reference(
+            tokenizer["source"], dirs, f"{where}: tokenizer.source"
+        )
     entries = list(recipe.get("models") or [])
     entries += [s for sl in recipe.get("slices") or [] for s in sl.get("sources") or []]
     for entry in entries:
         if isinstance(entry, dict) and "model" in entry:
-            entry["model"] = _resolved_reference(entry["model"], dirs, "model")
+            entry["model"] = _resolved_reference(entry["model"], dirs, f"{where}: model")
     method = recipe.get("merge_method", "merge")
     return Seed(f"mergekit_config merge ({method})", out / CONFIG_MERGE, recipe=recipe)
 
