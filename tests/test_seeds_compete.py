@@ -263,6 +263,11 @@ def test_equal_task_weights_on_tasks_of_40_and_8_documents(workspace: Path) -> N
     summary = json.loads((per_task.out / "summary.json").read_text())
     assert summary["best_trial"] == arch.members[int(np.argmax(balanced))]
     assert summary["best_fitness"] == pytest.approx(balanced.max())
+    # The history (progress bar, trackers, plot) shows the same weighted best, not the plain one.
+    history = (per_task.out / "history.jsonl").read_text().splitlines()
+    last = json.loads(history[-1])
+    assert last["archive_best"] == pytest.approx(balanced.max())
+    assert last["archive_mean"] == pytest.approx(balanced.mean())
     # Here that is the mute seed: all of the small task is half the balanced score (0.5),
     # more than any random seed gets; by the plain mean (8/48) it is the weakest member.
     assert summary["best_trial"] == mute.number

@@ -138,8 +138,9 @@ def fitness_means(archive: Any) -> np.ndarray:
 
 def archive_figures(archive: Any) -> dict[str, float]:
     """The archive after a trial as ``history.jsonl``, the progress bar and the trackers log
-    it: best and mean of the members' plain mean scores, and coverage (0 while empty)."""
-    means = archive.mean_scores if len(archive.members) else np.zeros(1)
+    it: best and mean of the members' :func:`fitness_means` (so the last ``archive_best`` is
+    ``best/``'s fitness, weighted as the archive competed), and coverage (0 while empty)."""
+    means = fitness_means(archive) if len(archive.members) else np.zeros(1)
     return {
         "archive_best": float(means.max()),
         "archive_mean": float(means.mean()),
