@@ -271,7 +271,7 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.6), sharey=True)
     means = [p["heldout"]["mean"] for p in progress + progress_ta] + [
         r["mean"] for k, r in rows.items() if not k.startswith(("base", "specialist"))
     ]
@@ -314,8 +314,11 @@ def plot(
         ax.set_xlabel("trials")
         ax.set_ylim(low, 1.01)  # a specialist's 0 on the other skill is off the chart
     axes[0].set_ylabel("exact match")
-    axes[-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    # Below the panels: inside one it hid the reference lines it names.
+    handles, labels = axes[-1].get_legend_handles_labels()
+    rows_of_legend = -(-len(labels) // 4)
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * rows_of_legend, 1, 1))
     fig.savefig(path, dpi=120)
 
 
