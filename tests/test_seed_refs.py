@@ -91,10 +91,23 @@ def test_lora_base_model_is_refused_not_dropped(workspace: Path) -> None:
     assert "merge_and_unload" in message and "\n" not in message
 
 
-def test_tokenizer_source_revision_is_asked_of_the_hub(workspace: Path) -> None:
-    """``tokenizer_source`` is resolved as the seeds are: its ``@revision`` is kept, not lost."""
+def test_tokenizer_source_revision_is_asked_of_the_hub(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tokenizer_source`` is resolved as the seeds are: ``id@revision`` is that revision of
+    that repo (here from a real Hugging Face cache holding it, offline), not a repo id."""
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--someorg--sometok"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "tokenizer.json").write_text("{}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     config = mergekit("m0", "m1")
-    config["tokenizer_source"] = "someorg/sometok@abc123"
+    config["tokenizer_source"] = f"someorg/sometok@{commit}"
+    _, carried = seeds_from_mergekit(config, workspace)
+    assert carried["tokenizer_source"] == str(repo / "snapshots" / commit)
+    config["tokenizer_source"] = "someorg/sometok@abc123"  # a revision the cache lacks
     with pytest.raises(M2N2Error, match=r"model 'someorg/sometok@abc123' not found"):
         seeds_from_mergekit(config, workspace)
     config["tokenizer_source"] = "m1"
