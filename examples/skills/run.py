@@ -316,9 +316,9 @@ def plot(
     axes[0].set_ylabel("exact match")
     # Below the panels: inside one it hid the reference lines it names.
     handles, labels = axes[-1].get_legend_handles_labels()
-    rows_of_legend = -(-len(labels) // 4)
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 * rows_of_legend, 1, 1))
+    ncol = 4
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * -(-len(labels) // ncol), 1, 1))  # a strip per legend row
     fig.savefig(path, dpi=120)
 
 
