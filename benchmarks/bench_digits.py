@@ -86,8 +86,8 @@ def main() -> None:
         threadpool_limits(1)
     except ImportError:
         pass
-    from m2n2_plugin.kernel import split_index
-    from m2n2_plugin.kernel import split_slerp
+    from m2n2_plugin.merge.kernel import split_index
+    from m2n2_plugin.merge.kernel import split_slerp
 
     data = load_digits_dataset()
     layout = MLPLayout()

@@ -20,8 +20,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def run_once(config: Path, out: Path, early: bool, trials: int) -> tuple[list, int, float, int]:
-    from m2n2_plugin.config import load_config
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.config import load_config
+    from m2n2_plugin.search.evolve import evolve
 
     cfg = load_config(config)
     cfg.search.early_rejection = early

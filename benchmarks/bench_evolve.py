@@ -63,8 +63,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
 
-    from m2n2_plugin.config import parse_config
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.config import parse_config
+    from m2n2_plugin.search.evolve import evolve
 
     cache = Path.home() / ".cache" / "m2n2"
     a = smollm2()

@@ -40,8 +40,8 @@ def search(folder: Path, train_seed: int, search_seed: int) -> dict[str, Any]:
     """One example search on trained specialists; its held-out means and wall time."""
     import optuna
 
-    from m2n2_plugin.config import load_config
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.config import load_config
+    from m2n2_plugin.search.evolve import evolve
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # The folder's files were written once by ``train``; runs of several search seeds share

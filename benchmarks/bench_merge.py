@@ -274,12 +274,12 @@ def main() -> None:
         samples = [import_time_us("pass", "m2n2_plugin") for _ in range(5)]
         print(f"-X importtime, m2n2_plugin at start-up: median {statistics.median(samples)} us")
         samples = [
-            import_time_us("import mergekit.merge_methods", "m2n2_plugin.merge_method")
+            import_time_us("import mergekit.merge_methods", "m2n2_plugin.merge.method")
             for _ in range(3)
         ]
         print(
             "-X importtime, registering m2n2 when mergekit.merge_methods is imported "
-            f"(m2n2_plugin.merge_method): median {statistics.median(samples) / 1000:.0f} ms"
+            f"(m2n2_plugin.merge.method): median {statistics.median(samples) / 1000:.0f} ms"
         )
         startup = bench_startup(args.startup_repeats)
         for name, times in startup.items():

@@ -132,12 +132,13 @@ def worker(mode: str, a: Path, b: Path, children: int, threads: int) -> dict[str
     from transformers import AutoConfig
     from transformers import AutoModelForCausalLM
 
-    from m2n2_plugin import checkpoint as checkpoint_module
-    from m2n2_plugin.merge_method import m2n2_merge_state_dicts
-    from m2n2_plugin.models import read_tensors
-    from m2n2_plugin.resident import load_checkpoint_into_model
-    from m2n2_plugin.resident import merge_into_model
-    from m2n2_plugin.resident import save_child
+    from m2n2_plugin.merge.checkpoint import NormMemo
+    from m2n2_plugin.merge.method import m2n2_merge_state_dicts
+    from m2n2_plugin.merge.models import read_tensors
+    from m2n2_plugin.merge.resident import MergeScratch
+    from m2n2_plugin.merge.resident import merge_into_model
+    from m2n2_plugin.merge.resident import save_child
+    from m2n2_plugin.merge.resident_model import load_checkpoint_into_model
 
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(a), dtype=torch.float32)
     model.eval()
@@ -157,11 +158,15 @@ def worker(mode: str, a: Path, b: Path, children: int, threads: int) -> dict[str
             for name, value in tensors.items():
                 params[name].copy_(value)
 
+    scratch = MergeScratch()  # one per run, as m2n2 evolve holds it
+
     def resident(mix_ratio: float, split_point: float) -> Any:
         io = "mmap" if mode == "resident-mmap" else "read"
         if mode == "resident-uncached":
-            checkpoint_module._NORM_CACHE.clear()
-        return merge_into_model(model, a, b, mix_ratio=mix_ratio, split_point=split_point, io=io)
+            scratch.norms = NormMemo()
+        return merge_into_model(
+            model, a, b, mix_ratio=mix_ratio, split_point=split_point, io=io, scratch=scratch
+        )
 
     make = naive if mode == "naive" else resident
     times: list[float] = []

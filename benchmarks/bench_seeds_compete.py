@@ -66,8 +66,8 @@ def search(config: Path, search_seed: int, name: str) -> dict[str, Any]:
     """One search; the archive's fate of every seed, the best model and its held-out scores."""
     import optuna
 
-    from m2n2_plugin.config import load_config
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.config import load_config
+    from m2n2_plugin.search.evolve import evolve
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg = load_config(config)

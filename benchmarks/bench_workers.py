@@ -56,11 +56,11 @@ def _worker(report: Path, barrier: Path, n_workers: int, argv: list[str]) -> int
     import sqlalchemy
     import sqlalchemy.event
 
-    import m2n2_plugin.evolve as evolve
+    import m2n2_plugin.search.trial as trial_module
     from m2n2_plugin.cli import main
 
     sampler_file = sampler_module.__file__
-    evolve_file = evolve.__file__
+    evolve_file = trial_module.__file__
     counts = {"sampler": 0, "wait": 0, "other": 0, "heartbeat": 0}
     state = {"on": False, "trials": 0}
 
@@ -93,13 +93,13 @@ def _worker(report: Path, barrier: Path, n_workers: int, argv: list[str]) -> int
             state["on"] = False
 
     optuna.Study.optimize = counted_optimize  # type: ignore[method-assign]
-    objective = evolve.Run.objective
+    objective = trial_module.Run.objective
 
     def counted_objective(self: Any, trial: Any) -> float:
         state["trials"] += 1
         return objective(self, trial)
 
-    evolve.Run.objective = counted_objective  # type: ignore[method-assign]
+    trial_module.Run.objective = counted_objective  # type: ignore[method-assign]
 
     barrier.mkdir(parents=True, exist_ok=True)
     (barrier / f"ready-{os.getpid()}").touch()

@@ -137,7 +137,7 @@ def build_seeds(root: Path, size: Size, device: Any, tokenizer: Any) -> tuple[li
     import torch
     from transformers import LlamaForCausalLM
 
-    from m2n2_plugin.checkpoint import write_safetensors
+    from m2n2_plugin.merge.checkpoint import write_safetensors
 
     config = llama_config(size)
     with torch.device("meta"):
@@ -221,11 +221,11 @@ def compare_merges(run: Any, seeds: list[Path], exact: bool) -> tuple[float, flo
     """
     import torch
 
-    from m2n2_plugin.resident import merge_checkpoints
-    from m2n2_plugin.resident import merge_into_model
+    from m2n2_plugin.merge.resident import merge_checkpoints
+    from m2n2_plugin.merge.resident import merge_into_model
 
     params = {"mix_ratio": 0.37, "split_point": 0.61}
-    merge_into_model(run.model, seeds[0], seeds[1], **params, arch=run.arch)
+    merge_into_model(run.model, seeds[0], seeds[1], **params, arch=run.arch, scratch=run.scratch)
     on_device = run.model.state_dict()
     cpu = merge_checkpoints(seeds[0], seeds[1], config=run.model.config, **params, arch=run.arch)
     worst_steps = 0.0
@@ -258,8 +258,8 @@ def main() -> None:
 
     import torch
 
-    from m2n2_plugin.devices import resolve_device
     from m2n2_plugin.errors import M2N2Error
+    from m2n2_plugin.search.devices import resolve_device
 
     try:  # before anything is written
         device = resolve_device(args.device, what="--device")
@@ -313,7 +313,7 @@ def main() -> None:
     config_path = root / "evolve.yml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)

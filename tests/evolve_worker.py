@@ -48,10 +48,10 @@ def _pause_here(args: argparse.Namespace, phase: str) -> None:
 
 
 def _install_pause(args: argparse.Namespace) -> None:
-    import m2n2_plugin.models as models
-    import m2n2_plugin.resident as resident
-    from m2n2_plugin.evolve import Run
-    from m2n2_plugin.fitness import LmEvalFitness
+    import m2n2_plugin.merge.models as models
+    import m2n2_plugin.merge.resident as resident
+    from m2n2_plugin.search.fitness import LmEvalFitness
+    from m2n2_plugin.search.trial import Run
 
     objective = Run.objective
 
@@ -62,7 +62,7 @@ def _install_pause(args: argparse.Namespace) -> None:
 
     Run.objective = tracked  # type: ignore[method-assign]
 
-    # Run.objective imports these from m2n2_plugin.resident when it runs: patch them there.
+    # Run.objective imports these from m2n2_plugin.merge.resident when it runs: patch them there.
     merge = resident.merge_into_model
 
     def merging(*a: Any, **kw: Any) -> Any:
@@ -151,8 +151,8 @@ def main(argv: list[str]) -> int:
     import mergekit.config  # noqa: F401
     import transformers  # noqa: F401
 
-    import m2n2_plugin.evolve  # noqa: F401
-    import m2n2_plugin.resident  # noqa: F401
+    import m2n2_plugin.merge.resident  # noqa: F401
+    import m2n2_plugin.search.evolve  # noqa: F401
     from m2n2_plugin.cli import main as m2n2_main
 
     if args.pause_at:

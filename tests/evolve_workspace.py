@@ -283,7 +283,7 @@ def check_study_and_files(out: Path, study: optuna.Study, archive_size: int) -> 
     """
     from m2n2_plugin.hub import M2N2Sampler
 
-    from m2n2_plugin.evolve import member_file
+    from m2n2_plugin.search.workers import member_file
 
     trials = study.get_trials(deepcopy=False)
     assert all(t.state.is_finished() for t in trials), [t.state for t in trials]

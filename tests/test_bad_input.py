@@ -316,7 +316,7 @@ def test_console_script_prints_one_line_for_a_failing_trial(workspace: Path) -> 
 @pytest.fixture(scope="module")
 def finished_run(workspace: Path) -> Path:
     """A small finished run whose outputs the bad resumptions below must leave untouched."""
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     config = write_config(workspace, "kept", search__n_trials=8)
     run = evolve(config, progress=False)
@@ -347,7 +347,7 @@ def test_bad_scores_stop_a_resumed_run_and_keep_its_outputs(
 ) -> None:
     from m2n2_plugin.hub import M2N2Sampler
 
-    from m2n2_plugin.fitness import LmEvalFitness
+    from m2n2_plugin.search.fitness import LmEvalFitness
 
     out = workspace / "out-kept"
     storage = f"sqlite:///{out / 'study.db'}"
@@ -497,7 +497,7 @@ def test_plain_optuna_objective_with_bad_scores(scores: list, message: str) -> N
 
 def test_a_run_writes_only_inside_its_output_folder(workspace: Path) -> None:
     """Names from the config (study name, task, models) never become paths outside it."""
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     config = write_config(
         workspace,

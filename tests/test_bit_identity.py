@@ -19,11 +19,11 @@ from tiny_models import make_tiny_llama
 from tiny_models import random_tiny_llama
 from tiny_models import tiny_llama_config
 
-from m2n2_plugin.kernel import MERGEKIT_DOT_THRESHOLD
-from m2n2_plugin.kernel import split_index
-from m2n2_plugin.kernel import split_slerp
-from m2n2_plugin.merge_method import m2n2_merge_state_dicts
-from m2n2_plugin.resident import merge_into_model
+from m2n2_plugin.merge.kernel import MERGEKIT_DOT_THRESHOLD
+from m2n2_plugin.merge.kernel import split_index
+from m2n2_plugin.merge.kernel import split_slerp
+from m2n2_plugin.merge.method import m2n2_merge_state_dicts
+from m2n2_plugin.merge.resident import merge_into_model
 
 CASES = [(0.3, 0.6, "element"), (0.8, 0.013, "element"), (0.65, 0.47, "layer")]
 

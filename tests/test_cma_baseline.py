@@ -31,8 +31,8 @@ def test_cma_baseline_merges_the_genome_and_stops_at_the_budget(tmp_path: Path) 
     from transformers import AutoModelForCausalLM
     from transformers import AutoTokenizer
 
-    from m2n2_plugin.config import load_config
-    from m2n2_plugin.fitness import load_fitness
+    from m2n2_plugin.search.config import load_config
+    from m2n2_plugin.search.fitness import load_fitness
 
     cma_baseline = _module()
     root = build_workspace(tmp_path / "ws")
@@ -63,7 +63,7 @@ def test_cma_baseline_merges_the_genome_and_stops_at_the_budget(tmp_path: Path) 
     bests = [r["best"] for r in rows]
     assert bests == list(np.maximum.accumulate([t.value for t in cma.study.trials]))
     # The best model is the best trial's merge: scored again, it gives the same mean.
-    from m2n2_plugin.resident import load_checkpoint_into_model
+    from m2n2_plugin.merge.resident_model import load_checkpoint_into_model
 
     load_checkpoint_into_model(model, cma.best_model())
     again = float(np.mean(fitness.score(lm, fitness_docs)))

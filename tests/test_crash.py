@@ -107,8 +107,8 @@ def _done(study: optuna.Study) -> int:
 def test_kill_9_mid_trial_then_resume(phase: str, killed: dict, workspace: Path) -> None:
     from m2n2_plugin.hub import M2N2Sampler
 
-    from m2n2_plugin.evolve import evolve
-    from m2n2_plugin.evolve import member_file
+    from m2n2_plugin.search.evolve import evolve
+    from m2n2_plugin.search.workers import member_file
 
     info = killed[phase]
     dead = info["trial"]
@@ -157,8 +157,8 @@ def test_worker_dead_before_its_first_heartbeat(workspace: Path) -> None:
     from datetime import datetime
     from datetime import timedelta
 
-    from m2n2_plugin.evolve import evolve
-    from m2n2_plugin.evolve import fail_dead_trials
+    from m2n2_plugin.search.evolve import evolve
+    from m2n2_plugin.search.workers import fail_dead_trials
 
     cfg = _config(workspace, "noheartbeat")
     out = workspace / "out-crash-noheartbeat"

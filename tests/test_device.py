@@ -21,11 +21,11 @@ from tiny_models import make_tiny_llama
 from tiny_models import tiny_llama_config
 from transformers import AutoConfig
 
-from m2n2_plugin.checkpoint import Checkpoint
-from m2n2_plugin.checkpoint import write_safetensors
-from m2n2_plugin.devices import resolve_device
 from m2n2_plugin.errors import M2N2Error
-from m2n2_plugin.resident import build_resident_model
+from m2n2_plugin.merge.checkpoint import Checkpoint
+from m2n2_plugin.merge.checkpoint import write_safetensors
+from m2n2_plugin.merge.resident_model import build_resident_model
+from m2n2_plugin.search.devices import resolve_device
 
 NO_CUDA = not torch.cuda.is_available()
 NO_MPS = not torch.backends.mps.is_available()
@@ -105,9 +105,9 @@ def test_misspelt_device_is_a_config_error(
 
 def test_device_flag_reaches_the_resident_model(workspace: Path) -> None:
     """``--device cpu`` over a config that names another device: the run uses the flag's."""
-    from m2n2_plugin.config import load_config
-    from m2n2_plugin.config import with_device
-    from m2n2_plugin.evolve import prepare
+    from m2n2_plugin.search.config import load_config
+    from m2n2_plugin.search.config import with_device
+    from m2n2_plugin.search.start import prepare
 
     cfg = load_config(write_config(workspace, "flag-cpu", fitness__device="cuda:7"))
     run = prepare(with_device(cfg, "cpu"))

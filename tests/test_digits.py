@@ -22,8 +22,8 @@ sys.path.insert(0, str(DIGITS_DIR))
 import common  # noqa: E402
 import run  # noqa: E402
 
-from m2n2_plugin.kernel import split_index  # noqa: E402
-from m2n2_plugin.kernel import split_slerp  # noqa: E402
+from m2n2_plugin.merge.kernel import split_index  # noqa: E402
+from m2n2_plugin.merge.kernel import split_slerp  # noqa: E402
 
 CHILDREN = 300
 SEED = 42

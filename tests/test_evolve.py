@@ -29,8 +29,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_loop_archive_invariants_and_outputs(workspace: Path) -> None:
-    from m2n2_plugin.evolve import evolve
-    from m2n2_plugin.evolve import member_file
+    from m2n2_plugin.search.evolve import evolve
+    from m2n2_plugin.search.workers import member_file
 
     run = evolve(write_config(workspace, "main", search__n_trials=14), progress=False)
     arch = run.sampler.archive(run.study)
@@ -66,7 +66,7 @@ def test_loop_archive_invariants_and_outputs(workspace: Path) -> None:
 
 
 def test_resume_continues_the_same_study(workspace: Path) -> None:
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     cfg = write_config(workspace, "resume", search__n_trials=6)
     first = evolve(cfg, progress=False)
@@ -83,7 +83,7 @@ def test_resume_continues_the_same_study(workspace: Path) -> None:
 
 
 def test_lineage_yaml_rebuilds_the_best_model(workspace: Path, tmp_path: Path) -> None:
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     run = evolve(write_config(workspace, "lineage", search__n_trials=16), progress=False)
     lineage = run.out / "best" / "lineage.yml"
@@ -113,7 +113,7 @@ def test_lineage_yaml_rebuilds_the_best_model(workspace: Path, tmp_path: Path) -
 
 
 def test_gsm8k_format_generation_task(workspace: Path) -> None:
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     cfg = write_config(
         workspace,
@@ -169,7 +169,7 @@ def test_console_script_reports_a_bad_config_in_one_line(workspace: Path) -> Non
 
 
 def test_existing_slerp_and_ties_configs_work_unchanged(workspace: Path) -> None:
-    from m2n2_plugin.models import seeds_from_mergekit
+    from m2n2_plugin.merge.models import seeds_from_mergekit
 
     slices = yaml.safe_load(
         """
@@ -211,7 +211,7 @@ def test_existing_slerp_and_ties_configs_work_unchanged(workspace: Path) -> None
 
 def test_early_rejection_keeps_the_archive_identical(workspace: Path) -> None:
     """The same seeded run with and without early rejection: same archive after every trial."""
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     def archives(early: bool) -> tuple[list[tuple[int, list, list]], int]:
         seen: list[tuple[int, list, list]] = []

@@ -10,9 +10,9 @@ import yaml
 from evolve_workspace import build_model
 from evolve_workspace import write_gsm_task
 
-from m2n2_plugin.config import parse_config
 from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.example import build_tokenizer
+from m2n2_plugin.search.config import parse_config
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'][0] }}: {{ m['content'] }}\n{% endfor %}"
@@ -57,7 +57,7 @@ def config(folder: Path, **fitness: object) -> dict:
 
 
 def test_gsm8k_format_with_gen_kwargs_and_chat_template(folder: Path) -> None:
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     cfg = parse_config(
         config(
@@ -108,7 +108,7 @@ def test_unknown_lm_eval_option_lists_the_accepted_ones(folder: Path) -> None:
     # And it is what a user writes in YAML: the same error from a file.
     path = folder / "bad.yml"
     path.write_text(yaml.safe_dump(config(folder, max_new_tokens=5)))
-    from m2n2_plugin.config import load_config
+    from m2n2_plugin.search.config import load_config
 
     with pytest.raises(M2N2Error, match="accepted: apply_chat_template"):
         load_config(path)
@@ -142,7 +142,7 @@ def test_lm_eval_options_as_users_write_them(folder: Path, two_folders: Path) ->
     unsafe-code flag, and the per-sample log of the best model's held-out documents."""
     import json
 
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     cfg = config(
         folder,
@@ -187,7 +187,7 @@ def test_lm_eval_options_as_users_write_them(folder: Path, two_folders: Path) ->
 
 
 def test_unsafe_task_needs_the_flag(folder: Path, two_folders: Path) -> None:
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     cfg = config(folder, include_path=["tasks", str(two_folders)], tasks=["tiny_gsm_b"])
     with pytest.raises(M2N2Error, match="set fitness.confirm_run_unsafe_code: true"):
@@ -204,7 +204,7 @@ def test_unsafe_task_needs_the_flag(folder: Path, two_folders: Path) -> None:
     ],
 )
 def test_model_args_refused_by_name(folder: Path, model_args: object, reason: str) -> None:
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     cfg = config(folder, model_args=model_args)
     with pytest.raises(M2N2Error, match=re.escape(f"fitness.model_args: {reason}")):
@@ -219,7 +219,7 @@ def test_benchmark_test_split_warning(
     import json
     import logging
 
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     bench = folder / "bench_tasks"
     bench.mkdir(exist_ok=True)
@@ -239,8 +239,8 @@ def test_benchmark_test_split_warning(
 
 
 def test_no_benchmark_warning_for_own_tasks(folder: Path) -> None:
-    from m2n2_plugin.fitness import benchmark_warning
-    from m2n2_plugin.fitness import load_fitness
+    from m2n2_plugin.search.fitness import benchmark_warning
+    from m2n2_plugin.search.fitness import load_fitness
 
     fitness, docs, _ = load_fitness(parse_config(config(folder), base_dir=folder))
     assert benchmark_warning({t: fitness._loaded["tasks"][t] for t in docs.ids}) is None
@@ -251,8 +251,8 @@ def test_a_weight_on_a_group_is_the_weight_of_each_of_its_subtasks(
 ) -> None:
     """``task_weights`` may name a group from ``fitness.tasks``: its subtasks weigh that much
     (the weights module resolves groups through lm-eval's own group map)."""
-    from m2n2_plugin.fitness import load_fitness
-    from m2n2_plugin.weights import FitnessWeights
+    from m2n2_plugin.search.fitness import load_fitness
+    from m2n2_plugin.search.weights import FitnessWeights
 
     (tmp_path / "solo.yaml").write_text("group: tiny_solo\ntask:\n  - tiny_gsm_b\n")
     cfg = config(

@@ -27,12 +27,12 @@ from tiny_models import tiny_llama_config
 
 from m2n2_plugin.errors import M2N2ConfigError
 from m2n2_plugin.errors import M2N2Error
-from m2n2_plugin.layout import ModelLayout
-from m2n2_plugin.layout import layout_for_state_dict
-from m2n2_plugin.layout import tensor_layout
-from m2n2_plugin.merge_inputs import architecture_tensor_names
-from m2n2_plugin.merge_method import m2n2_merge_method
-from m2n2_plugin.merge_method import m2n2_merge_state_dicts
+from m2n2_plugin.merge.inputs import architecture_tensor_names
+from m2n2_plugin.merge.layout import ModelLayout
+from m2n2_plugin.merge.layout import layout_for_state_dict
+from m2n2_plugin.merge.layout import tensor_layout
+from m2n2_plugin.merge.method import m2n2_merge_method
+from m2n2_plugin.merge.method import m2n2_merge_state_dicts
 
 LAYERS = 3
 
@@ -353,7 +353,7 @@ def test_registration_scenarios():
                 pass
             import m2n2_plugin
             first = get("m2n2")
-            import m2n2_plugin.merge_method as mm
+            import m2n2_plugin.merge.method as mm
             assert m2n2_plugin.register() is first and mm.register() is first
             importlib.reload(mm)
             importlib.reload(m2n2_plugin)

@@ -159,7 +159,7 @@ def _assert_matches_numpy(written, parent_a, parent_b, order, mix_ratio, split_p
 def test_split_inside_a_tensor_matches_numpy_and_in_memory(setup):
     from transformers import AutoConfig
 
-    from m2n2_plugin.merge_method import m2n2_merge_state_dicts
+    from m2n2_plugin.merge.method import m2n2_merge_state_dicts
 
     run, parents = setup["runs"]["inside"], setup["parents"]
     written = run.tensors()
@@ -197,7 +197,7 @@ def test_identical_parents_leave_the_model_unchanged(setup):
 def test_bf16_tied_parents(setup):
     from transformers import AutoConfig
 
-    from m2n2_plugin.merge_method import m2n2_merge_state_dicts
+    from m2n2_plugin.merge.method import m2n2_merge_state_dicts
 
     parents = setup["parents"]
     written = setup["runs"]["bf16"].tensors()

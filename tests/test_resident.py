@@ -23,18 +23,18 @@ from tiny_models import make_tiny_llama
 from tiny_models import mergekit_yaml_executable
 from tiny_models import tiny_llama_config
 
-from m2n2_plugin import layout
-from m2n2_plugin import resident
 from m2n2_plugin.errors import M2N2ConfigError
 from m2n2_plugin.errors import M2N2Error
-from m2n2_plugin.merge_method import m2n2_merge_state_dicts
-from m2n2_plugin.models import read_tensors
-from m2n2_plugin.resident import Checkpoint
-from m2n2_plugin.resident import load_checkpoint_into_model
-from m2n2_plugin.resident import merge_checkpoints
-from m2n2_plugin.resident import merge_into_model
-from m2n2_plugin.resident import save_child
-from m2n2_plugin.resident import save_model_tensors
+from m2n2_plugin.merge import layout
+from m2n2_plugin.merge import resident
+from m2n2_plugin.merge.checkpoint import Checkpoint
+from m2n2_plugin.merge.method import m2n2_merge_state_dicts
+from m2n2_plugin.merge.models import read_tensors
+from m2n2_plugin.merge.resident import merge_checkpoints
+from m2n2_plugin.merge.resident import merge_into_model
+from m2n2_plugin.merge.resident import save_child
+from m2n2_plugin.merge.resident_model import load_checkpoint_into_model
+from m2n2_plugin.merge.resident_model import save_model_tensors
 
 LAYERS = 3
 # (mix_ratio, split_point, granularity): splits inside the embeddings, inside a layer, at the
@@ -229,15 +229,20 @@ def test_parent_a_read_straight_into_the_model(
 
     monkeypatch.setattr(resident, "split_slerp", spy)
     model = resident_model(a, torch.float32)
-    merge_into_model(model, aligned, b, mix_ratio=0.35, split_point=0.55, keep_buffers=False)
+    merge_into_model(model, aligned, b, mix_ratio=0.35, split_point=0.55)
     assert_model_holds(model, reference(aligned, b, model.config, 0.35, 0.55))
     assert in_place and all(in_place)
-    assert model not in resident._SCRATCH
-    merge_into_model(model, b, aligned, mix_ratio=0.35, split_point=0.55)
+    # The caller's scratch is filled by one merge and reused, not reallocated, by the next;
+    # the parents' norms come from it the second time (same bits).
+    scratch = resident.MergeScratch()
+    merge_into_model(model, b, aligned, mix_ratio=0.35, split_point=0.55, scratch=scratch)
     assert_model_holds(model, reference(b, aligned, model.config, 0.35, 0.55))
-    assert model in resident._SCRATCH
-    resident.release_buffers(model)
-    assert model not in resident._SCRATCH
+    assert scratch.b  # parent A went straight into the model; B through its buffer
+    assert len(scratch.norms) == 2  # both parents' files
+    held = {k: v.data_ptr() for k, v in [*scratch.a.items(), *scratch.b.items()]}
+    merge_into_model(model, aligned, b, mix_ratio=0.35, split_point=0.55, scratch=scratch)
+    assert_model_holds(model, reference(aligned, b, model.config, 0.35, 0.55))
+    assert {k: v.data_ptr() for k, v in [*scratch.a.items(), *scratch.b.items()]} == held
 
 
 def test_identical_parents_give_the_parent(models: dict[str, Path]) -> None:
@@ -362,8 +367,8 @@ def test_cached_parent_norms_follow_the_file(models: dict[str, Path], tmp_path: 
     merged with the old file's norms."""
     import shutil
 
-    from m2n2_plugin import kernel
-    from m2n2_plugin.models import save_tensors_atomic
+    from m2n2_plugin.merge import kernel
+    from m2n2_plugin.merge.models import save_tensors_atomic
 
     a = tmp_path / "a"
     shutil.copytree(models["untied-float32-1"], a)

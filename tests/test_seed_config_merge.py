@@ -80,7 +80,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 def test_the_extra_seed_is_the_configs_merge_and_a_rerun_resumes_on_it(
     workspace: Path, mergekit_yaml_merge: Path
 ) -> None:
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     run = evolve(_config(workspace, "refine", n_trials=8), progress=False)
     merged = run.out / "config_merge"
@@ -121,10 +121,10 @@ def test_the_extra_seed_is_the_configs_merge_and_a_rerun_resumes_on_it(
 def test_lineage_rebuilds_a_child_of_the_merge_from_the_original_models(
     workspace: Path, tmp_path: Path
 ) -> None:
-    from m2n2_plugin.evolve import evolve
-    from m2n2_plugin.report import Settings
-    from m2n2_plugin.report import lineage_docs
-    from m2n2_plugin.resident import merge_into_model
+    from m2n2_plugin.merge.resident import merge_into_model
+    from m2n2_plugin.report.outputs import Settings
+    from m2n2_plugin.report.outputs import lineage_docs
+    from m2n2_plugin.search.evolve import evolve
 
     run = evolve(_config(workspace, "lineage", n_trials=10), progress=False)
     trials = {t.number: t for t in run.study.get_trials(deepcopy=False)}

@@ -15,7 +15,7 @@ from evolve_workspace import build_workspace
 from evolve_workspace import write_config
 
 from m2n2_plugin.errors import M2N2Error
-from m2n2_plugin.models import seeds_from_mergekit
+from m2n2_plugin.merge.models import seeds_from_mergekit
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,7 @@ def _independent_refold(
 
 @pytest.fixture(scope="module")
 def straight(workspace: Path) -> Any:
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     before = {name: file_digests(workspace / name) for name in SEEDS}
     run = evolve(_config(workspace, "six"), progress=False)
@@ -175,7 +175,7 @@ def test_every_seed_is_evaluated_and_competes(workspace: Path, straight: Any) ->
 
 
 def test_early_rejection_of_seeds_is_exact(workspace: Path, straight: Any) -> None:
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     run, _ = straight
     full = evolve(
@@ -189,7 +189,7 @@ def test_early_rejection_of_seeds_is_exact(workspace: Path, straight: Any) -> No
 
 
 def test_resume_in_the_middle_of_the_seeds(workspace: Path, straight: Any) -> None:
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     run, _ = straight
     cfg = _config(workspace, "six-resumed")
@@ -221,7 +221,7 @@ def _two_tasks(workspace: Path, name: str, **fitness: Any) -> Path:
 
 
 def test_equal_task_weights_on_tasks_of_40_and_8_documents(workspace: Path) -> None:
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     per_task = evolve(_two_tasks(workspace, "tasks-equal"), progress=False)
     per_doc = evolve(
@@ -315,7 +315,7 @@ def test_resume_with_other_task_weights_is_refused(
 def test_single_task_weights_change_nothing(workspace: Path) -> None:
     """One task: every weighting gives every document the same weight, so no capacity is
     stored and the run is the run of a config without these keys, bit for bit."""
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     plain = evolve(_config(workspace, "one-plain", search={"n_trials": 8}), progress=False)
     weighted = evolve(

@@ -24,9 +24,9 @@ from evolve_workspace import worker_env
 from evolve_workspace import write_config
 from optuna.distributions import FloatDistribution
 
-from m2n2_plugin import family_tree
-from m2n2_plugin.config import parse_config
 from m2n2_plugin.errors import M2N2Error
+from m2n2_plugin.report import family_tree
+from m2n2_plugin.search.config import parse_config
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +99,7 @@ def test_tracking_config_keys_are_checked() -> None:
     with pytest.raises(M2N2Error, match=r"search\.tracking_uri: .*only used with tracking: mlf"):
         parse_config({**base, "search": {"tracking_uri": "mlruns"}}, Path("."))
     cfg = parse_config({**base, "search": {"tracking": "mlflow", "tracking_uri": "x"}}, Path("/c"))
-    from m2n2_plugin.tracking import mlflow_uri
-
-    assert mlflow_uri(cfg) == "/c/x"  # a plain path is relative to the config file
+    assert cfg.tracking_uri() == "/c/x"  # a plain path is relative to the config file
 
 
 def test_missing_tracking_package_is_one_line_before_anything_is_written(
@@ -135,7 +133,7 @@ def test_evolve_tells_dashboard_mlflow_and_the_hub(
     from optuna_dashboard import get_note
     from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
 
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     # MLflow 3 refuses its file store unless asked for it (it prefers a database).
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -261,7 +259,7 @@ def _wandb_records(path: Path) -> list[Any]:
 def test_evolve_logs_to_wandb_offline(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("wandb")
     pytest.importorskip("optuna_integration")
-    from m2n2_plugin.evolve import evolve
+    from m2n2_plugin.search.evolve import evolve
 
     for key in ("WANDB_DIR", "WANDB_PROJECT"):
         monkeypatch.delenv(key, raising=False)

@@ -195,8 +195,8 @@ def run_m2n2(
     import optuna
     from m2n2_plugin.hub import M2N2Sampler
 
-    from m2n2_plugin.kernel import split_index
-    from m2n2_plugin.kernel import split_slerp
+    from m2n2_plugin.merge.kernel import split_index
+    from m2n2_plugin.merge.kernel import split_slerp
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     method = METHODS[method_name]
@@ -363,8 +363,8 @@ def run_bruteforce(
     something. Ties in training accuracy go to the lower grid index, as in the official in-order
     scan, so the end point is the official one whatever the order.
     """
-    from m2n2_plugin.kernel import cosine
-    from m2n2_plugin.kernel import split_slerp
+    from m2n2_plugin.merge.kernel import cosine
+    from m2n2_plugin.merge.kernel import split_slerp
 
     layout = MLPLayout(n_in=dataset.n_in)
     train_eval = Evaluator(dataset.train, layout)

@@ -122,7 +122,7 @@ class CmaBaseline:
         run_merge(self.config(weights), str(folder), MergeOptions(quiet=True))
 
     def objective(self, trial: Any) -> float:
-        from m2n2_plugin.resident import load_checkpoint_into_model
+        from m2n2_plugin.merge.resident_model import load_checkpoint_into_model
 
         weights = np.array([trial.suggest_float(n, 0.0, UPPER) for n in self.names])
         start = time.perf_counter()

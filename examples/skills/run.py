@@ -155,8 +155,8 @@ class Scorer:
         from transformers import AutoModelForCausalLM
         from transformers import AutoTokenizer
 
-        from m2n2_plugin.config import load_config
-        from m2n2_plugin.fitness import load_fitness
+        from m2n2_plugin.search.config import load_config
+        from m2n2_plugin.search.fitness import load_fitness
 
         cfg = load_config(CONFIG)
         fc = cfg.fitness
@@ -174,8 +174,8 @@ class Scorer:
 
     def scores(self, folder: Path, which: str = "heldout") -> dict:
         """``{"means": ..., "docs": [one score per document]}``, cached per file version."""
-        from m2n2_plugin.checkpoint import tensor_files
-        from m2n2_plugin.resident import load_checkpoint_into_model
+        from m2n2_plugin.merge.checkpoint import tensor_files
+        from m2n2_plugin.merge.resident_model import load_checkpoint_into_model
 
         stamp = [(str(f.resolve()), f.stat().st_mtime_ns) for f in tensor_files(folder)]
         docs = self.docs[which]
@@ -397,8 +397,8 @@ def main() -> None:
     if args.models != "models" or tuple(args.pair) != PAIR or args.fitness_docs:
         use(args.models, tuple(args.pair), args.fitness_docs)
     if args.score:
-        from m2n2_plugin.checkpoint import tensor_files
         from m2n2_plugin.errors import M2N2Error
+        from m2n2_plugin.merge.checkpoint import tensor_files
 
         for folder in args.score:  # before the model loads: a wrong path fails at once
             try:

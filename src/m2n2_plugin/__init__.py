@@ -18,9 +18,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from mergekit.merge_methods import MergeMethod
 
-    from m2n2_plugin.kernel import global_cosine
-    from m2n2_plugin.kernel import split_index
-    from m2n2_plugin.kernel import split_slerp
+    from m2n2_plugin.merge.kernel import global_cosine
+    from m2n2_plugin.merge.kernel import split_index
+    from m2n2_plugin.merge.kernel import split_slerp
 
 __all__ = ["global_cosine", "register", "split_index", "split_slerp"]
 __version__ = "0.1.0"
@@ -33,7 +33,7 @@ def register() -> MergeMethod:
 
     Returns the registered method object.
     """
-    from m2n2_plugin.merge_method import register as _register
+    from m2n2_plugin.merge.method import register as _register
 
     return _register()
 
@@ -41,7 +41,7 @@ def register() -> MergeMethod:
 def __getattr__(name: str) -> object:
     # PEP 562: the kernel pulls in torch, so it is imported on first access only.
     if name in _KERNEL_EXPORTS:
-        from m2n2_plugin import kernel
+        from m2n2_plugin.merge import kernel
 
         return getattr(kernel, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,7 @@ registered when it looks one up. Importing mergekit (and torch) from a ``.pth`` 
 every Python start-up seconds slower, so the ``.pth`` file shipped with this distribution only
 imports this package, whose ``__init__`` calls :func:`install`. That puts a one-shot finder on
 ``sys.meta_path``; when something imports ``mergekit.merge_methods``, the finder lets the normal
-machinery load it and, once the module has executed, imports :mod:`m2n2_plugin.merge_method` and
+machinery load it and, once the module has executed, imports :mod:`m2n2_plugin.merge.method` and
 registers the method. After that the finder is gone.
 
 This module must stay standard-library only and cheap to import: it runs in every interpreter
@@ -28,13 +28,13 @@ TARGET = "mergekit.merge_methods"
 
 def _register_now() -> None:
     """Register the method; never let a failure here break the import of mergekit."""
-    module = sys.modules.get("m2n2_plugin.merge_method")
+    module = sys.modules.get("m2n2_plugin.merge.method")
     if module is not None and not hasattr(module, "register"):
         # merge_method is being imported and is what imports mergekit: it registers itself
         # at the end of its import.
         return
     try:
-        from m2n2_plugin.merge_method import register
+        from m2n2_plugin.merge.method import register
 
         register()
     except Exception as exc:  # noqa: BLE001 - mergekit must keep working without us

@@ -68,7 +68,7 @@ def verdict(heldout: dict[str, dict[str, float]], is_seed: bool) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        from m2n2_plugin.evolve import evolve
+        from m2n2_plugin.search.evolve import evolve
 
         if args.command == "example":
             from m2n2_plugin.example import DEFAULT_SEED

@@ -6,11 +6,11 @@
   the best model from the seed models (``mergekit-multi lineage.yml --intermediate-dir work
   --out-path rebuilt``);
 * ``<out>/plots/fitness.png``, ``<out>/plots/coverage.png`` and ``<out>/plots/lineage.png``
-  (the best model's family tree, :mod:`m2n2_plugin.family_tree`); ``<out>/summary.json``.
+  (the best model's family tree, :mod:`m2n2_plugin.report.family_tree`); ``<out>/summary.json``.
 
 It takes plain data -- the archive, the trials, the seeds, the output folder and a
 :class:`Settings` -- plus two callables for what needs the resident model (evaluating held-out
-scores, saving the best model), so it never sees ``evolve.Run`` (no import cycle).
+scores, saving the best model), so it never sees the run itself: the search hands it what to write.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import yaml
 
-from m2n2_plugin import family_tree
-from m2n2_plugin.models import CARRIED_KEYS
-from m2n2_plugin.models import CONFIG_MERGE
-from m2n2_plugin.models import Seed
-from m2n2_plugin.weights import best_member
-from m2n2_plugin.weights import fitness_means
+from m2n2_plugin.merge.models import CARRIED_KEYS
+from m2n2_plugin.merge.models import CONFIG_MERGE
+from m2n2_plugin.merge.models import Seed
+from m2n2_plugin.report import family_tree
+from m2n2_plugin.report.ranking import best_member
+from m2n2_plugin.report.ranking import fitness_means
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save_file
 
-from m2n2_plugin.checkpoint import checkpoint_shapes
-from m2n2_plugin.checkpoint import tensor_files
 from m2n2_plugin.errors import M2N2Error
+from m2n2_plugin.merge.checkpoint import checkpoint_shapes
+from m2n2_plugin.merge.checkpoint import tensor_files
 
 # Keys of a mergekit config that carry into every m2n2 merge of the lineage.
 CARRIED_KEYS = ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
@@ -340,11 +340,11 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     (:func:`m2n2_plugin.checkpoint.write_safetensors`), so host memory holds one tensor, not
     a copy of the model.
     """
-    from m2n2_plugin.checkpoint import write_safetensors
+    from m2n2_plugin.merge.checkpoint import write_safetensors
 
     path.parent.mkdir(parents=True, exist_ok=True)
     # The temp name carries the target's (".tmp-trial_000012-...") so that a cleaner can tell
-    # whose write a left-over temp file was (evolve.Run.sync_files).
+    # whose write a left-over temp file was (RunState.sync_files).
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=".safetensors", dir=path.parent)
     on_cpu = all(v.device.type == "cpu" for v in tensors.values())
     if on_cpu:

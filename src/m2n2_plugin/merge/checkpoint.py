@@ -1,11 +1,12 @@
 """Reading model checkpoints: safetensors headers, and one tensor at a time.
 
 :func:`read_header` is the package's one safetensors header reader: the layout
-(:mod:`m2n2_plugin.layout`) takes tensor shapes from it, the seed checks take them from it, and
+(:mod:`m2n2_plugin.merge.layout`) takes tensor shapes from it, the seed checks take them from
+it, and
 :class:`Checkpoint` finds each tensor's bytes with it. Tensors are read with positioned reads
 (``os.preadv``) into memory the caller owns, not through ``safetensors.safe_open``: ``safe_open``
 memory-maps the file, and every page a merge touches stays in the process's resident set until
-the file is closed (see :mod:`m2n2_plugin.resident`).
+the file is closed (see :mod:`m2n2_plugin.merge.resident`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Literal
 import torch
 
 from m2n2_plugin.errors import M2N2Error
-from m2n2_plugin.kernel import squared_norm
+from m2n2_plugin.merge.kernel import squared_norm
 
 __all__ = ["IO", "Checkpoint", "checkpoint_shapes", "read_header", "tensor_files"]
 
@@ -128,14 +129,41 @@ _SAFETENSORS_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-# Squared norms of parent tensors, per file version: (device, inode, size, mtime) -> {(tensor,
-# dtype read as, device type): |x|^2}. Archive files are written once under a fresh name and
-# never changed, so a member merged again (it is a parent many times) needs only the <a, b>
-# pass. The oldest files' entries go first beyond _NORM_FILES (a few hundred floats per file).
-_NORM_CACHE: OrderedDict[tuple[int, ...], dict[tuple[str, torch.dtype, str], float]]
-_NORM_CACHE = OrderedDict()
-_NORM_FILES = 256
-_NORM_LOCK = threading.Lock()
+
+
+class NormMemo:
+    """Squared norms of parent tensors, remembered per file version for the next merges.
+
+    Keyed by (device, inode, size, mtime) -> {(tensor, dtype read as, device type): |x|^2}.
+    Archive files are written once under a fresh name and never changed, so a member merged
+    again (it is a parent many times) needs only the <a, b> pass. The caller that merges many
+    children (``m2n2 evolve``: one per run) holds one and lends it to every :class:`Checkpoint`;
+    the oldest files' entries go first beyond ``files`` (a few hundred floats per file).
+    """
+
+    def __init__(self, files: int = 256) -> None:
+        self.files = files
+        self._norms: OrderedDict[tuple[int, ...], dict[tuple[str, torch.dtype, str], float]]
+        self._norms = OrderedDict()
+        self._lock = threading.Lock()  # mergekit's executor may read parents from threads
+
+    def __len__(self) -> int:
+        """How many file versions have norms remembered."""
+        with self._lock:
+            return len(self._norms)
+
+    def get(self, version: tuple[int, ...], key: tuple[str, torch.dtype, str]) -> float | None:
+        with self._lock:
+            return self._norms.get(version, {}).get(key)
+
+    def put(
+        self, version: tuple[int, ...], key: tuple[str, torch.dtype, str], norm: float
+    ) -> None:
+        with self._lock:
+            self._norms.setdefault(version, {})[key] = norm
+            self._norms.move_to_end(version)
+            while len(self._norms) > self.files:
+                self._norms.popitem(last=False)
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], fd: int) -> None:
@@ -213,6 +241,7 @@ class Checkpoint:
         scratch: dict[torch.dtype, torch.Tensor] | None = None,
         *,
         pin_memory: bool = False,
+        norms: NormMemo | None = None,
     ) -> None:
         if io not in ("read", "mmap"):
             raise ValueError(f"io must be 'read' or 'mmap', got {io!r}")
@@ -235,6 +264,8 @@ class Checkpoint:
         # Page-locked scratch buffers when tensors go on to a GPU: a copy from pageable memory
         # is staged through a driver buffer (about half the bandwidth).
         self._pin = pin_memory
+        # Squared norms already computed for these files' versions (None: none kept).
+        self._norms = norms
         try:
             for index, file in enumerate(self.files):
                 try:
@@ -375,19 +406,17 @@ class Checkpoint:
 
     def squared_norm(self, name: str, value: torch.Tensor) -> float:
         """``kernel.squared_norm(value)`` for ``value`` = tensor ``name`` as read from this
-        checkpoint (in ``value``'s dtype), remembered for this version of the file."""
+        checkpoint (in ``value``'s dtype), remembered for this version of the file in the
+        :class:`NormMemo` lent to this checkpoint, if any."""
+        if self._norms is None:
+            return squared_norm(value)
         version = self._versions[self.entries[name].file]
         # The device is part of the key: a GPU sums in another order (other last bits), and a
         # CPU merge must give the same bits whatever ran before it in the process.
         key = (name, value.dtype, value.device.type)
-        with _NORM_LOCK:
-            known = _NORM_CACHE.get(version, {}).get(key)
+        known = self._norms.get(version, key)
         if known is not None:
             return known
         norm = squared_norm(value)
-        with _NORM_LOCK:
-            _NORM_CACHE.setdefault(version, {})[key] = norm
-            _NORM_CACHE.move_to_end(version)
-            while len(_NORM_CACHE) > _NORM_FILES:
-                _NORM_CACHE.popitem(last=False)
+        self._norms.put(version, key, norm)
         return norm

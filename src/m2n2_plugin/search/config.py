@@ -23,6 +23,7 @@ an error, not a silently ignored setting. Example::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 from typing import Any
@@ -114,7 +115,7 @@ class FitnessConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _device_name(cls, v: str) -> str:
-        from m2n2_plugin.devices import check_device_name
+        from m2n2_plugin.search.devices import check_device_name
 
         return check_device_name(v)
 
@@ -182,6 +183,15 @@ class EvolveConfig(BaseModel):
         p = Path(path).expanduser()
         return p if p.is_absolute() else (self.base_dir / p)
 
+    def tracking_uri(self) -> str | None:
+        """``search.tracking_uri`` for MLflow: a URI as given, a plain path relative to the
+        config file; None when unset (MLflow then reads ``MLFLOW_TRACKING_URI`` itself, else
+        uses its own default)."""
+        uri = self.search.tracking_uri
+        if uri is None or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri):
+            return uri
+        return str(self.resolve(uri))
+
 
 _SECTIONS: dict[str, type[BaseModel]] = {"fitness": FitnessConfig, "search": SearchConfig}
 
@@ -236,7 +246,7 @@ def load_config(path: str | Path) -> EvolveConfig:
 
 def with_device(cfg: EvolveConfig, device: str) -> EvolveConfig:
     """``cfg`` with ``fitness.device`` replaced (spelling checked as the config checks it)."""
-    from m2n2_plugin.devices import check_device_name
+    from m2n2_plugin.search.devices import check_device_name
 
     try:
         check_device_name(device)

@@ -4,7 +4,7 @@ M2N2 cuts a model's parameters at ONE global index, so every merge path (``merge
 state dicts in memory, the resident merge of ``m2n2 evolve``) needs the same answer to "which
 tensors count, in which order, how big". It is computed here from ``{name: shape}`` (safetensors
 headers via :func:`m2n2_plugin.checkpoint.read_header`, a state dict, or a mergekit model
-reference: :mod:`m2n2_plugin.merge_inputs`) and mergekit's architecture (:class:`Architecture`,
+reference: :mod:`m2n2_plugin.merge.inputs`) and mergekit's architecture (:class:`Architecture`,
 the costly part: build it once), in the order mergekit writes tensors: pre-weights (embeddings),
 layers ``0 .. N-1``, post-weights (final norm, ``lm_head``), each tensor flattened row-major.
 :func:`plan_pair` checks that two parents can be merged and returns the :class:`PairPlan`.
@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from m2n2_plugin.errors import M2N2ConfigError
-from m2n2_plugin.kernel import check_granularity
-from m2n2_plugin.kernel import split_index
+from m2n2_plugin.merge.kernel import check_granularity
+from m2n2_plugin.merge.kernel import split_index
 
 if TYPE_CHECKING:
     from mergekit.architecture import ModelArchitecture

@@ -23,17 +23,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
 
-from m2n2_plugin.checkpoint import checkpoint_shapes
 from m2n2_plugin.errors import M2N2ConfigError
-from m2n2_plugin.layout import Architecture
-from m2n2_plugin.layout import ModelLayout
-from m2n2_plugin.layout import Parent
-from m2n2_plugin.layout import architecture_for_config
-from m2n2_plugin.layout import architecture_segments
-from m2n2_plugin.layout import parent_layout
-from m2n2_plugin.layout import plan_pair
-from m2n2_plugin.layout import resolve_slots
-from m2n2_plugin.layout import ties_embeddings
+from m2n2_plugin.merge.checkpoint import checkpoint_shapes
+from m2n2_plugin.merge.layout import Architecture
+from m2n2_plugin.merge.layout import ModelLayout
+from m2n2_plugin.merge.layout import Parent
+from m2n2_plugin.merge.layout import architecture_for_config
+from m2n2_plugin.merge.layout import architecture_segments
+from m2n2_plugin.merge.layout import parent_layout
+from m2n2_plugin.merge.layout import plan_pair
+from m2n2_plugin.merge.layout import resolve_slots
+from m2n2_plugin.merge.layout import ties_embeddings
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

@@ -1,9 +1,11 @@
 """What one ``m2n2 evolve`` run holds and keeps between processes.
 
-The trial loop lives in :mod:`m2n2_plugin.evolve`; this module holds what does not change from
-one trial to the next: the output folder, the Optuna study (its storage, opened by every worker,
-and the fingerprint that lets a rerun resume it), the archive members' weights files, and the
-outputs written at the end (:class:`RunState`, the base of ``evolve.Run``).
+The trial lives in :mod:`m2n2_plugin.search.trial`, the loop in :mod:`m2n2_plugin.search.evolve`;
+this module holds what does not change from one trial to the next: the output folder, the
+Optuna study (its storage, opened by every worker, and the fingerprint that lets a rerun resume
+it), the archive members' weights files, the resident model and its merge scratch, and the
+outputs handed to :mod:`m2n2_plugin.report` at the end (:class:`RunState`, the base of
+:class:`~m2n2_plugin.search.trial.Run`).
 """
 
 from __future__ import annotations
@@ -23,20 +25,22 @@ from typing import Any
 import optuna
 import torch
 
-from m2n2_plugin.checkpoint import checkpoint_shapes
-from m2n2_plugin.config import EvolveConfig
 from m2n2_plugin.errors import M2N2Error
-from m2n2_plugin.fitness import DocSet
-from m2n2_plugin.fitness import LmEvalFitness
-from m2n2_plugin.layout import Architecture
-from m2n2_plugin.models import Seed
-from m2n2_plugin.report import Settings
-from m2n2_plugin.report import write_outputs
-from m2n2_plugin.weights import FitnessWeights
-from m2n2_plugin.weights import archive_figures
-from m2n2_plugin.workers import MemberEvicted
-from m2n2_plugin.workers import member_file
-from m2n2_plugin.workers import sync_files
+from m2n2_plugin.merge.checkpoint import checkpoint_shapes
+from m2n2_plugin.merge.layout import Architecture
+from m2n2_plugin.merge.models import Seed
+from m2n2_plugin.merge.resident import MergeScratch
+from m2n2_plugin.merge.resident_model import load_checkpoint_into_model
+from m2n2_plugin.report.outputs import Settings
+from m2n2_plugin.report.outputs import write_outputs
+from m2n2_plugin.report.ranking import archive_figures
+from m2n2_plugin.search.config import EvolveConfig
+from m2n2_plugin.search.fitness import DocSet
+from m2n2_plugin.search.fitness import LmEvalFitness
+from m2n2_plugin.search.weights import FitnessWeights
+from m2n2_plugin.search.workers import MemberEvicted
+from m2n2_plugin.search.workers import member_file
+from m2n2_plugin.search.workers import sync_files
 
 #: lm-eval's per-sample log of the best model's held-out documents, in the output folder.
 HELDOUT_SAMPLES = "heldout_samples.jsonl"
@@ -73,7 +77,7 @@ class RunState:
     """Everything one ``m2n2 evolve`` process holds: config, seeds, study, resident model.
 
     What it does with them between trials: find and load archive members, delete files
-    nobody needs, write the outputs. ``evolve.Run`` adds the trial itself.
+    nobody needs, write the outputs. :class:`~m2n2_plugin.search.trial.Run` adds the trial.
     """
 
     cfg: EvolveConfig
@@ -91,6 +95,8 @@ class RunState:
     merge_dtype: torch.dtype | None
     out_dtype: torch.dtype | None
     timings: dict[int, TrialTiming] = field(default_factory=dict)
+    #: The read buffers and parent norms every merge of the run reuses (made once, here).
+    scratch: MergeScratch = field(default_factory=MergeScratch)
     #: The model's architecture (tensor order, layers), built once by ``prepare``: every
     #: merge of the run plans its pair of parents against it.
     arch: Architecture | None = None
@@ -147,14 +153,10 @@ class RunState:
 
     def load_seed(self, index: int) -> None:
         """Put seed ``index`` into the resident model, one tensor at a time (``dtype`` applied)."""
-        from m2n2_plugin.resident import load_checkpoint_into_model
-
         load_checkpoint_into_model(self.model, self.seeds[index].path, dtype=self.merge_dtype)
 
     def load_member(self, number: int) -> None:
         """Put archive member ``number`` into the resident model (a seed, or our file)."""
-        from m2n2_plugin.resident import load_checkpoint_into_model
-
         attrs = self.trial_attrs(number)
         if "m2n2.seed" in attrs:
             self.load_seed(int(attrs["m2n2.seed"]))

@@ -5,7 +5,7 @@ child there reads both parents' state dicts (two models of memory), merges them 
 state dict (a third) and copies that into the model: three models on top of the model itself.
 Here the child is made one tensor at a time, in the model: parent A's and parent B's tensors are
 read from their safetensors files into two scratch buffers (each the size of the largest tensor,
-kept with the model for its next merge), and the kernel's arithmetic
+kept by the caller for its next merge: :class:`MergeScratch`), and the kernel's arithmetic
 (:func:`m2n2_plugin.kernel.split_slerp`) writes the child straight into the model's parameter.
 The memory a merge needs beyond the model is those two buffers (plus, for a bfloat16 or float16
 merge, the kernel's float32 temporaries of one tensor), not models.
@@ -44,8 +44,6 @@ one storage. Names are the checkpoint's (mergekit's) names, which are the model'
 from __future__ import annotations
 
 import os
-import weakref
-from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
@@ -55,35 +53,35 @@ from typing import cast
 
 import torch
 
-from m2n2_plugin.checkpoint import IO
-from m2n2_plugin.checkpoint import Checkpoint
 from m2n2_plugin.errors import M2N2ConfigError
-from m2n2_plugin.errors import M2N2Error
-from m2n2_plugin.kernel import MERGEKIT_DOT_THRESHOLD
-from m2n2_plugin.kernel import check_granularity
-from m2n2_plugin.kernel import check_unit_interval
-from m2n2_plugin.kernel import cosine
-from m2n2_plugin.kernel import split_slerp
-from m2n2_plugin.layout import Architecture
-from m2n2_plugin.layout import ModelLayout
-from m2n2_plugin.layout import PairPlan
-from m2n2_plugin.layout import Parent
-from m2n2_plugin.layout import plan_pair
-from m2n2_plugin.models import save_tensors_atomic
+from m2n2_plugin.merge.checkpoint import IO
+from m2n2_plugin.merge.checkpoint import Checkpoint
+from m2n2_plugin.merge.checkpoint import NormMemo
+from m2n2_plugin.merge.kernel import MERGEKIT_DOT_THRESHOLD
+from m2n2_plugin.merge.kernel import check_granularity
+from m2n2_plugin.merge.kernel import check_unit_interval
+from m2n2_plugin.merge.kernel import cosine
+from m2n2_plugin.merge.kernel import split_slerp
+from m2n2_plugin.merge.layout import Architecture
+from m2n2_plugin.merge.layout import ModelLayout
+from m2n2_plugin.merge.layout import PairPlan
+from m2n2_plugin.merge.layout import Parent
+from m2n2_plugin.merge.layout import plan_pair
+from m2n2_plugin.merge.models import save_tensors_atomic
+from m2n2_plugin.merge.resident_model import check_model_tensors
+from m2n2_plugin.merge.resident_model import on_cuda
+from m2n2_plugin.merge.resident_model import save_model_tensors
+from m2n2_plugin.merge.resident_model import storage_id
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 __all__ = [
-    "Checkpoint",
+    "MergeScratch",
     "ResidentChild",
-    "build_resident_model",
-    "load_checkpoint_into_model",
     "merge_checkpoints",
     "merge_into_model",
-    "release_buffers",
     "save_child",
-    "save_model_tensors",
 ]
 
 # Child dtype -> model dtypes that hold every value of it exactly (cast there and back).
@@ -136,10 +134,6 @@ class ResidentChild:
 _DOT = MERGEKIT_DOT_THRESHOLD
 
 
-def _storage(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage().data_ptr()
-
-
 def _merge_tensor(
     a: Checkpoint,
     b: Checkpoint,
@@ -188,47 +182,20 @@ def _merge_tensor(
     return dest, written
 
 
-def _check_model_tensors(
-    params: Mapping[str, torch.Tensor],
-    parameters: Iterable[tuple[str, torch.Tensor]],
-    names: Iterable[str],
-    tied: Mapping[str, str],
-    shapes: Mapping[str, tuple[int, ...]],
-    what: str,
-) -> None:
-    """Fail, before anything is written, unless the names cover every model parameter."""
-    names = list(names)
-    for name in (*names, *tied):
-        if name not in params:
-            raise M2N2Error(f"tensor {name!r} of {what} does not belong to the model")
-    for name in names:
-        if tuple(params[name].shape) != tuple(shapes[name]):
-            raise M2N2Error(
-                f"tensor {name!r} is {tuple(shapes[name])} in {what} but "
-                f"{tuple(params[name].shape)} in the model"
-            )
-    covered = {_storage(params[name]) for name in (*names, *tied)}
-    for name, param in parameters:
-        if _storage(param) not in covered:
-            raise M2N2Error(f"the model's tensor {name!r} is not in {what}")
+@dataclass
+class MergeScratch:
+    """What one merge leaves for the next: the parents' read buffers and their tensors' norms.
 
+    ``a`` and ``b`` (dtype -> bytes) each grow to the size of the largest tensor: a fresh
+    buffer costs a page fault per 4 KiB on every merge (~70 ms for the 113 MB embedding matrix
+    of SmolLM2-135M here). ``norms`` saves the |x|^2 pass over a parent merged again. A caller
+    that merges many children (``m2n2 evolve``) makes one per run and passes it to every merge;
+    dropping it frees them. Nothing here changes a bit of the child.
+    """
 
-# The resident model's two scratch buffers (parent A's, parent B's; dtype -> bytes), kept for
-# its next merge: a fresh buffer costs a page fault per 4 KiB on every merge (~70 ms for the
-# 113 MB embedding matrix of SmolLM2-135M here). Weak: they go with the model.
-_SCRATCH: weakref.WeakKeyDictionary[torch.nn.Module, tuple[dict[torch.dtype, torch.Tensor], ...]]
-_SCRATCH = weakref.WeakKeyDictionary()
-
-
-def _on_cuda(model: torch.nn.Module) -> bool:
-    """Whether the model's tensors live on a CUDA GPU (then host buffers are page-locked)."""
-    first = next(iter(model.parameters()), None)
-    return first is not None and first.device.type == "cuda"
-
-
-def release_buffers(model: torch.nn.Module) -> None:
-    """Free the scratch buffers :func:`merge_into_model` keeps with ``model``."""
-    _SCRATCH.pop(model, None)
+    a: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
+    b: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
+    norms: NormMemo = field(default_factory=NormMemo)
 
 
 def merge_into_model(
@@ -243,7 +210,7 @@ def merge_into_model(
     dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
     io: IO = "read",
-    keep_buffers: bool = True,
+    scratch: MergeScratch | None = None,
     arch: Architecture | None = None,
 ) -> ResidentChild:
     """Merge parents A and B with ``m2n2`` straight into ``model``'s tensors, in place.
@@ -264,9 +231,8 @@ def merge_into_model(
         out_dtype: mergekit's ``out_dtype``: the child is cast to it (default: the merge
             dtype) before it is cast to the model's dtype.
         io: ``"read"`` (positioned reads, the default) or ``"mmap"`` (``safe_open``).
-        keep_buffers: keep the two scratch buffers (each the size of the largest tensor) with
-            the model for its next merge (:func:`release_buffers` frees them), instead of
-            allocating them afresh every time.
+        scratch: the read buffers and norms to reuse (:class:`MergeScratch`, one per run);
+            by default they are made for this merge only.
 
     Everything that can be checked (layout, names, shapes, parameters) is checked before the
     first tensor is written; an I/O error mid-way leaves the model partly overwritten.
@@ -278,11 +244,11 @@ def merge_into_model(
     check_granularity(granularity)
     arch = arch or Architecture.for_config(cast("PretrainedConfig", model.config))
     params = model.state_dict()
-    scratch_a, scratch_b = ({}, {}) if not keep_buffers else _SCRATCH.setdefault(model, ({}, {}))
-    pin = _on_cuda(model)
+    scratch = scratch or MergeScratch()
+    pin = on_cuda(model)
     with (
-        Checkpoint(parent_a, io, scratch_a, pin_memory=pin) as a,
-        Checkpoint(parent_b, io, scratch_b, pin_memory=pin) as b,
+        Checkpoint(parent_a, io, scratch.a, pin_memory=pin, norms=scratch.norms) as a,
+        Checkpoint(parent_b, io, scratch.b, pin_memory=pin, norms=scratch.norms) as b,
     ):
         plan = _plan(arch, a, b)
         used = plan.layout if layout is None else layout
@@ -290,7 +256,7 @@ def merge_into_model(
             raise M2N2ConfigError(f"the layout given does not describe parent A ({a.path})")
         split = used.split_index(split_point, granularity)
         tied = {n: t for n, t in plan.tied.items() if n in params}
-        _check_model_tensors(
+        check_model_tensors(
             params,
             model.named_parameters(remove_duplicate=False),
             used.names,
@@ -320,7 +286,7 @@ def merge_into_model(
                     dest.dtype == written or dest.dtype in _HOLDS_EXACTLY.get(written, ())
                 )
             for name, target in tied.items():
-                if _storage(params[name]) != _storage(params[target]):
+                if storage_id(params[name]) != storage_id(params[target]):
                     params[name].copy_(params[target])  # a model that does not share them
     return ResidentChild(
         parent_a=Path(parent_a),
@@ -378,121 +344,6 @@ def merge_checkpoints(
 
 # --------------------------------------------------------------------------------------------
 # Seeds in, children out.
-
-
-def load_checkpoint_into_model(
-    model: torch.nn.Module,
-    path: str | os.PathLike[str],
-    *,
-    dtype: torch.dtype | None = None,
-    io: IO = "read",
-) -> None:
-    """Read a checkpoint's tensors into ``model`` in place, one tensor at a time.
-
-    ``dtype`` (mergekit's ``dtype``, as a seed enters a merge) is applied before the cast to
-    the model's dtype. A tensor the model ties to one already read (``lm_head`` and the
-    embeddings) is read once. Every model parameter must be in the checkpoint.
-    """
-    params = model.state_dict()
-    with Checkpoint(path, io, pin_memory=_on_cuda(model)) as ckpt:
-        names: list[str] = []
-        seen: set[int] = set()
-        for name in ckpt.entries:
-            if name not in params:
-                raise M2N2Error(f"tensor {name!r} of {path} does not belong to the model")
-        for name, tensor in params.items():  # the model's order: embeddings before lm_head
-            if name in ckpt.entries and _storage(tensor) not in seen:
-                seen.add(_storage(tensor))
-                names.append(name)
-        _check_model_tensors(
-            params,
-            model.named_parameters(remove_duplicate=False),
-            names,
-            {},
-            ckpt.shapes,
-            str(path),
-        )
-        with torch.no_grad():
-            for name in names:
-                ckpt.get(name, dtype=dtype, out=params[name])
-
-
-def build_resident_model(
-    config: PretrainedConfig,
-    weights: str | os.PathLike[str],
-    *,
-    dtype: torch.dtype,
-    device: torch.device | str = "cpu",
-    weights_dtype: torch.dtype | None = None,
-) -> torch.nn.Module:
-    """The resident model on ``device``, holding ``weights`` (a seed), without a random init.
-
-    ``from_config`` would draw every parameter at random and then the first merge overwrites
-    them all: minutes of CPU for a 7 B model, for nothing. Here the tensors are allocated where
-    they will live (a ``torch.device`` context: straight on the GPU, never staged in host
-    memory) with transformers' ``no_init_weights``, the tied weights are tied, and the seed's
-    tensors are read in one at a time. Buffers that are not in a checkpoint (the rotary
-    ``inv_freq``) are computed by the modules' constructors, on the device, as usual.
-
-    Why not the meta device: ``to_empty`` from meta leaves such buffers uninitialised, and
-    transformers recomputes them only inside ``from_pretrained``'s own loading path.
-
-    Args:
-        config: the seeds' Hugging Face config.
-        weights: a seed's model folder or safetensors file; every parameter must be in it.
-        dtype: the resident model's dtype.
-        device: where it lives (already checked: :func:`m2n2_plugin.devices.resolve_device`).
-        weights_dtype: mergekit's ``dtype``, applied as the seed is read (as for any seed).
-    """
-    from transformers import AutoModelForCausalLM
-
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x kept it here
-        from transformers.modeling_utils import no_init_weights  # type: ignore[no-redef]
-
-    with torch.device(device), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.tie_weights()  # ``no_init_weights`` also skips the tying done after the init
-    model.eval()
-    load_checkpoint_into_model(model, weights, dtype=weights_dtype)
-    return model
-
-
-def save_model_tensors(
-    model: torch.nn.Module,
-    path: str | os.PathLike[str],
-    names: Mapping[str, torch.dtype | None] | Iterable[str] | None = None,
-) -> None:
-    """Write the model's current tensors to a safetensors file, atomically.
-
-    ``names``: which tensors (default: the whole state dict), optionally mapped to the dtype to
-    store each in. A tensor sharing storage with one already listed (a tied ``lm_head``) is
-    left out. Tensors already in the right dtype are written from the model's own memory
-    (safetensors serialises from the pointers): no copy of the model is made; a model on a GPU
-    is streamed to the file one tensor at a time (each cast on the device).
-    """
-    params = model.state_dict()
-    wanted: Mapping[str, torch.dtype | None]
-    if names is None:
-        wanted = dict.fromkeys(params)
-    elif isinstance(names, Mapping):
-        wanted = names
-    else:
-        wanted = dict.fromkeys(names)
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, store_as in wanted.items():
-        if name not in params:
-            raise M2N2Error(f"the model has no tensor {name!r}")
-        tensor = params[name].detach()
-        if _storage(tensor) in seen:
-            continue
-        seen.add(_storage(tensor))
-        if store_as is not None and tensor.dtype != store_as:
-            tensor = tensor.to(store_as)
-        tensors[name] = tensor
-    save_tensors_atomic(tensors, Path(path))
 
 
 def save_child(model: torch.nn.Module, child: ResidentChild, path: str | os.PathLike[str]) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 from m2n2_plugin.errors import M2N2Error
 
 if TYPE_CHECKING:
-    from m2n2_plugin.config import EvolveConfig
+    from m2n2_plugin.search.config import EvolveConfig
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,13 @@
 """The mergekit merge method ``m2n2``: M2N2's split-point SLERP over a whole model.
 
 Parents A (``base_model``) and B are each one flat vector in the architecture's order
-(:mod:`m2n2_plugin.layout`): the first ``floor(split_point * n)`` parameters are mixed with
+(:mod:`m2n2_plugin.merge.layout`): the first ``floor(split_point * n)`` parameters are mixed with
 ``t = mix_ratio`` (the weight on B), the rest with ``1 - mix_ratio``, one SLERP angle per tensor
 (:func:`m2n2_plugin.kernel.split_slerp`); ``granularity: layer`` moves the split to the nearest
 layer boundary (equal to mergekit's ``slerp`` over slices ``[0, k)``, ``t = w``, and ``[k, N)``,
 ``t = 1 - w``). The split index is global, but mergekit hands the kernel one tensor, in no order:
 so the pair's layout is planned when mergekit validates the inputs (before any tensor is loaded
-or the output exists) and the kernel finds it by the input ids (:mod:`m2n2_plugin.merge_inputs`).
+or the output exists) and the kernel finds it by the input ids (:mod:`m2n2_plugin.merge.inputs`).
 A user's error is a :class:`MergekitError`, which ``mergekit-yaml`` prints in one line.
 """
 
@@ -39,15 +39,15 @@ from mergekit.merge_methods.base import FunctionalGroupMergeMethod
 from pydantic import PlainValidator
 
 from m2n2_plugin.errors import M2N2ConfigError
-from m2n2_plugin.kernel import MERGEKIT_DOT_THRESHOLD
-from m2n2_plugin.kernel import check_granularity
-from m2n2_plugin.kernel import check_unit_interval
-from m2n2_plugin.kernel import split_slerp
-from m2n2_plugin.layout import Architecture
-from m2n2_plugin.layout import plan_pair
-from m2n2_plugin.layout import state_dict_parent
-from m2n2_plugin.merge_inputs import InMemoryParent
-from m2n2_plugin.merge_inputs import PairLayouts
+from m2n2_plugin.merge.inputs import InMemoryParent
+from m2n2_plugin.merge.inputs import PairLayouts
+from m2n2_plugin.merge.kernel import MERGEKIT_DOT_THRESHOLD
+from m2n2_plugin.merge.kernel import check_granularity
+from m2n2_plugin.merge.kernel import check_unit_interval
+from m2n2_plugin.merge.kernel import split_slerp
+from m2n2_plugin.merge.layout import Architecture
+from m2n2_plugin.merge.layout import plan_pair
+from m2n2_plugin.merge.layout import state_dict_parent
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

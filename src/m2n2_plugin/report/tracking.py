@@ -11,17 +11,15 @@ trial). They know nothing of the archive, so this module adds what they do not c
   plots (an MLflow run named ``m2n2 best``; the W&B run's summary and images).
 
 Always on, whatever the tracking: the study's ``m2n2.best`` user attr and the dashboard plots
-(:mod:`m2n2_plugin.dashboard`). The whole of it is one object, :class:`Tracker`, that the
+(:mod:`m2n2_plugin.report.dashboard`). The whole of it is one object, :class:`Tracker`, that the
 evolve loop asks for its callbacks and calls once at the end.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -32,10 +30,10 @@ from typing import Any
 
 import optuna
 
-from m2n2_plugin import dashboard
-from m2n2_plugin.config import EvolveConfig
 from m2n2_plugin.errors import M2N2Error
-from m2n2_plugin.weights import archive_figures
+from m2n2_plugin.report import dashboard
+from m2n2_plugin.report.extras import importable
+from m2n2_plugin.report.ranking import archive_figures
 
 Callback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
 
@@ -48,23 +46,11 @@ NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
 METRIC = "mean_score"
 
 
-def importable(name: str) -> bool:
-    """Whether ``import name`` would find the package, without importing it (slow ones).
+def require(kind: str | None) -> None:
+    """Fail in one line, before anything is written, if the asked-for tracker is missing.
 
-    A module already imported counts as is: optuna-integration swaps itself for a lazy module
-    without ``__spec__``, on which ``find_spec`` raises.
+    ``kind``: ``search.tracking`` (``mlflow``, ``wandb`` or None).
     """
-    if sys.modules.get(name) is not None:
-        return True
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def require(cfg: EvolveConfig) -> None:
-    """Fail in one line, before anything is written, if the asked-for tracker is missing."""
-    kind = cfg.search.tracking
     if kind is None:
         return
     modules, pip = NEEDS[kind]
@@ -73,15 +59,6 @@ def require(cfg: EvolveConfig) -> None:
         raise M2N2Error(
             f"search.tracking: {kind} needs the {' and '.join(missing)} package(s): {pip}"
         )
-
-
-def mlflow_uri(cfg: EvolveConfig) -> str | None:
-    """``search.tracking_uri`` (a plain path relative to the config file), else None: MLflow
-    then reads ``MLFLOW_TRACKING_URI`` itself, else uses its own default."""
-    uri = cfg.search.tracking_uri
-    if uri is None or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri):
-        return uri
-    return str(cfg.resolve(uri))
 
 
 def trial_metrics(archive: Any, trial: optuna.trial.FrozenTrial) -> dict[str, float]:
@@ -241,7 +218,7 @@ class Tracker:
         """After the outputs are written: the final best (with held-out scores) into the
         study, the dashboard plots where optuna-dashboard is installed, the tracker's
         summary."""
-        from m2n2_plugin.report import read_history
+        from m2n2_plugin.report.outputs import read_history
 
         path = self.out / "summary.json"
         summary = json.loads(path.read_text()) if path.is_file() else {}
@@ -255,17 +232,22 @@ class Tracker:
 
 
 def start(
-    cfg: EvolveConfig, study: optuna.Study, out: Path, archive: Callable[[], Any]
+    kind: str | None,
+    uri: str | None,
+    study: optuna.Study,
+    out: Path,
+    archive: Callable[[], Any],
 ) -> Tracker:
     """The tracker of a run whose study is open (call :func:`require` before anything else).
 
-    ``archive()`` returns the sampler's archive as the fold has it now.
+    ``kind`` and ``uri``: ``search.tracking`` and the MLflow tracking URI (None: MLflow's
+    own default); ``archive()`` returns the sampler's archive as the fold has it now.
     """
     dashboard.describe_objective(study)
     tracker = Tracker(study, out, archive, callbacks=[dashboard.BestRecorder(archive)])
-    if cfg.search.tracking == "mlflow":
-        tracker.backend = _MLflow(mlflow_uri(cfg), study, archive)
-    elif cfg.search.tracking == "wandb":
+    if kind == "mlflow":
+        tracker.backend = _MLflow(uri, study, archive)
+    elif kind == "wandb":
         tracker.backend = _WandB(study, out, archive)
     if tracker.backend is not None:
         tracker.callbacks.append(tracker.backend)

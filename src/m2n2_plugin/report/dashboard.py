@@ -29,9 +29,10 @@ from typing import Any
 
 import optuna
 
-from m2n2_plugin import family_tree
-from m2n2_plugin.weights import best_member
-from m2n2_plugin.weights import fitness_means
+from m2n2_plugin.report import family_tree
+from m2n2_plugin.report.extras import importable
+from m2n2_plugin.report.ranking import best_member
+from m2n2_plugin.report.ranking import fitness_means
 
 #: What a trial's objective value is (stored as the ``m2n2.objective`` study user attr).
 OBJECTIVE = (
@@ -47,8 +48,6 @@ GRAPH_IDS = ("m2n2-fitness", "m2n2-coverage", "m2n2-lineage")
 
 def available() -> bool:
     """Whether optuna-dashboard and plotly are importable (the ``[dashboard]`` extra)."""
-    from m2n2_plugin.tracking import importable
-
     return all(importable(m) for m in ("optuna_dashboard", "plotly"))
 
 
