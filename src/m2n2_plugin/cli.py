@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from m2n2_plugin.errors import M2N2Error
+from m2n2_plugin.example import DEFAULT_SEED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--seed",
         type=int,
-        help="training seed of the specialists (default: m2n2_plugin.example.DEFAULT_SEED)",
+        default=DEFAULT_SEED,
+        help="training seed of the specialists (default: %(default)s)",
     )
     ex.add_argument("--search-seed", type=int, default=0, help="seed of the M2N2 search")
     ex.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -71,12 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from m2n2_plugin.search.evolve import evolve
 
         if args.command == "example":
-            from m2n2_plugin.example import DEFAULT_SEED
             from m2n2_plugin.example import build_example
 
-            seed = DEFAULT_SEED if args.seed is None else args.seed
             config = build_example(
-                args.folder, seed=seed, search_seed=args.search_seed, n_trials=args.n_trials
+                args.folder, seed=args.seed, search_seed=args.search_seed, n_trials=args.n_trials
             )
             print(f"example built in {config.parent}; evolving (rerun: m2n2 evolve {config})")
             run = evolve(config, n_trials=args.n_trials, progress=not args.no_progress)

@@ -24,10 +24,10 @@ import re
 import string
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from m2n2_plugin.errors import M2N2Error
+
+# torch and numpy are imported where they are used: ``m2n2 --help`` reads this module's
+# constants (the default seed) and must not wait seconds for torch.
 
 SKILLS = ("shift", "reverse")
 WORD_LEN = 3
@@ -101,7 +101,7 @@ def split_documents(
     docs: list[dict[str, str]], n_fitness: int, n_heldout: int, n_dev: int
 ) -> dict[str, list[dict[str, str]]]:
     """Disjoint fitness / heldout / dev / train splits, in that order from the start."""
-    ends = np.cumsum([n_fitness, n_heldout, n_dev])
+    ends = [n_fitness, n_fitness + n_heldout, n_fitness + n_heldout + n_dev]
     if ends[-1] >= len(docs):
         raise ValueError("not enough documents for the requested splits")
     return {
@@ -149,6 +149,7 @@ def build_model(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 
     (rotary) positions left the same model on a 0-15 % plateau for hundreds of steps on some
     seeds. mergekit knows the architecture (``gpt2.json``), and so does lm-eval.
     """
+    import torch
     from transformers import GPT2Config
     from transformers import GPT2LMHeadModel
 
@@ -193,6 +194,8 @@ def train_until(
     Returns the accuracy on every ``dev`` set when the goal is met; past ``max_steps`` it
     raises a one-line M2N2Error.
     """
+    import torch
+
     texts = [f"{prompt(d['question'])} {d['answer']}\n" for d in docs]
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -218,7 +221,6 @@ def train_until(
     )
 
 
-@torch.no_grad()
 def task_accuracy(model, tokenizer, docs: list[dict[str, str]]) -> float:
     """Share of documents answered right, scored as the example's lm-eval tasks score them.
 
@@ -226,11 +228,17 @@ def task_accuracy(model, tokenizer, docs: list[dict[str, str]]) -> float:
     (the ``strict-match`` filter) compared with the answer: the number printed here is the
     number lm-eval gives the same model.
     """
+    import torch
+
     tokenizer.padding_side = "left"
     enc = tokenizer([prompt(d["question"]) for d in docs], return_tensors="pt", padding=True)
-    out = model.generate(
-        **enc, max_new_tokens=MAX_GEN_TOKS, do_sample=False, pad_token_id=tokenizer.pad_token_id
-    )
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            max_new_tokens=MAX_GEN_TOKS,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     right = 0
     for text, doc in zip(texts, docs, strict=True):
@@ -307,6 +315,8 @@ def _train_once(
     """One try of :func:`train_specialists`: a base, then the specialists."""
     import copy
 
+    import torch
+
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     dev = {s: splits[s]["dev"] for s in ("copy", *SKILLS)}
@@ -361,6 +371,10 @@ def build_example(
     initialisation and the batches), ``search_seed`` the M2N2 search. Nothing is written
     until the specialists are trained, so a failed training leaves no folder behind.
     """
+    import torch
+
+    if n_trials is not None and n_trials < 1:  # before anything is trained or written
+        raise M2N2Error(f"the number of trials must be at least 1, got {n_trials}")
     torch.set_num_threads(1)  # tiny models: more threads only add overhead
     folder = Path(folder).resolve()
     models = folder / "models" / f"seed{seed}"

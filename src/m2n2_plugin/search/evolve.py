@@ -36,11 +36,13 @@ from m2n2_plugin.search.workers import write_outputs_locked
 
 
 class _OneLineErrors(logging.Filter):
-    """Drop Optuna's "Trial N failed" traceback for an M2N2Error: the CLI prints its one line.
+    """Drop Optuna's "Trial N failed" traceback when the CLI says it in one line.
 
     A trial that fails on bad input (invalid scores, a broken task) stops the run with
-    ``m2n2: error: ...``; Optuna would first log the same error with a full traceback, then
-    "Trial N failed with value None." (both records are dropped).
+    ``m2n2: error: ...``, and Ctrl-C in the middle of a trial with ``m2n2: interrupted; ...``;
+    Optuna would first log the error (or ``KeyboardInterrupt()``) with a full traceback, then
+    "Trial N failed with value None." (both records are dropped). The trial is FAIL in the
+    study, so a rerun runs it again; nothing already written is touched.
     """
 
     def __init__(self) -> None:
@@ -49,7 +51,8 @@ class _OneLineErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, M2N2Error) and not isinstance(exc, MemberEvicted):
+        said = isinstance(exc, M2N2Error) and not isinstance(exc, MemberEvicted)
+        if said or isinstance(exc, KeyboardInterrupt):
             number = record.getMessage().split()[1]
             self._next = f"Trial {number} failed with value"
             return False
@@ -70,12 +73,16 @@ def evolve(
     """Run (or resume) an M2N2 evolution; returns the :class:`Run` after writing the outputs.
 
     ``n_trials`` overrides ``search.n_trials``: the study's total number of finished trials,
-    so rerunning after an interruption runs only what is missing. ``device`` overrides
+    so rerunning after an interruption runs only what is missing (and says so: "resuming: 12
+    of 30 trials done"). One line per finished trial is printed (``trials.log``'s line);
+    ``progress`` adds the progress bar. ``device`` overrides
     ``fitness.device`` (``m2n2 evolve --device``): workers of one study on one machine can
     each take their own GPU; the device is not part of the study's fingerprint.
     """
     from tqdm.auto import tqdm
 
+    if n_trials is not None and n_trials < 1:  # before anything is read or written
+        raise M2N2Error(f"the number of trials must be at least 1, got {n_trials}")
     cfg = config if isinstance(config, EvolveConfig) else load_config(config)
     if device is not None:
         cfg = with_device(cfg, device)
@@ -83,9 +90,8 @@ def evolve(
     optimize_log = logging.getLogger("optuna.study._optimize")
     if not any(isinstance(f, _OneLineErrors) for f in optimize_log.filters):
         optimize_log.addFilter(_OneLineErrors())
-    tracking.require(
-        cfg.search.tracking
-    )  # a missing MLflow / W&B package: one line, before anything is written
+    # A missing MLflow / W&B package: one line, before anything is written.
+    tracking.require(cfg.search.tracking)
     run = prepare_or_clean(cfg, output_dir)
     # What a killed worker left: its trial is failed once the heartbeat is stale, then the
     # child file it saved and any temp file are deleted; live workers' files are kept.
@@ -99,8 +105,10 @@ def evolve(
         run.out,
         lambda: run.sampler.archive(run.study),
     )
-    total = n_trials or cfg.search.n_trials
+    total = cfg.search.n_trials if n_trials is None else n_trials
     done = count_done(run.study)
+    if done:
+        tqdm.write(f"resuming: {min(done, total)} of {total} trials done")
     bar = tqdm(
         total=total,
         initial=min(done, total),
@@ -115,8 +123,7 @@ def evolve(
         line, record = run.log_trial(frozen, arch)
         bar.update(1)
         bar.set_postfix(best=f"{record['archive_best']:.3f}", coverage=f"{record['coverage']:.3f}")
-        if progress:
-            bar.write(line)
+        tqdm.write(line)  # above the bar, or alone with progress=False
         if on_trial is not None:
             on_trial(run, frozen)
 

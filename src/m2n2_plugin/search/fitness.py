@@ -247,8 +247,16 @@ def resolve_doc_ids(
                 continue
             ids = [int(i) for i in spec[task]]
         elif isinstance(spec, int):
+            # Fewer documents than asked for would change the search (and, past the fitness
+            # documents, leave no held-out ones) without a word: refuse instead.
             first = (start or {}).get(task, 0)
-            ids = list(range(first, min(first + spec, sizes[task])))
+            if first + spec > sizes[task]:
+                after = f" after its {first} fitness documents" if first else ""
+                raise M2N2Error(
+                    f"{what}_docs: {spec} documents asked of task {task!r}{after}, "
+                    f"which has {sizes[task]}"
+                )
+            ids = list(range(first, first + spec))
         else:
             ids = [int(i) for i in spec]
         bad = [i for i in ids if not 0 <= i < sizes[task]]
