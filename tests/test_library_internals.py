@@ -141,3 +141,22 @@ def test_mergekit_internals_the_merge_method_uses() -> None:
 
     assert "LlamaForCausalLM" in NAME_TO_ARCH
     assert callable(getattr(LoaderCache(), "get", None))
+
+
+def test_mergekit_card_asks_the_hub_through_is_hf(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mergekit 0.1.5's card step asks ``mergekit.card.is_hf``, which the plugin mends so that
+    an existing folder is local (offline, the Hub would be asked about ``models/a`` and fail)."""
+    import mergekit.card
+
+    import m2n2_plugin
+
+    m2n2_plugin._autoload.install()  # mends an already imported card module at once
+    assert getattr(mergekit.card.is_hf, "m2n2_local_first", False)
+    (tmp_path / "models" / "a").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert mergekit.card.is_hf("models/a") is False
+    assert mergekit.card.is_hf("/abs/path") is False  # mergekit's own rule, kept
+    assert mergekit.card.is_hf("org/not-here") is True  # not local: a Hub repo, as before

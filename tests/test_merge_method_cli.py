@@ -65,6 +65,8 @@ def setup(tmp_path_factory):
         "tb": make_tiny_llama(root / "tb", seed=12, config=tied, dtype=torch.bfloat16),
     }
     models["a_copy"] = Path(shutil.copytree(models["a"], root / "a_copy"))
+    for name in ("a", "b"):
+        shutil.copytree(models[name], root / "models" / name)
     models["ta_bin"] = save_as_pytorch_bin(models["ta"], root / "ta_bin")
     models["tb_bin"] = save_as_pytorch_bin(models["tb"], root / "tb_bin")
     parents = {name: load_tensors(models[name]) for name in ("a", "b", "ta", "tb")}
@@ -136,6 +138,14 @@ def setup(tmp_path_factory):
             ),
         ),
         MergekitRun(root, "slerp", slerp_slices),
+        # Relative local paths with one slash, as a README example writes them: mergekit's
+        # model card asks the Hub about them unless the plugin says they are local.
+        MergekitRun(
+            root,
+            "relative",
+            m2n2_config("models/a", ["models/a", "models/b"], mix_ratio=0.3, split_point=0.6),
+            cwd=root,
+        ),
     ]
     run_all(runs, exe)
     return {"runs": {run.name: run for run in runs}, "parents": parents, **facts, **models}
@@ -154,6 +164,17 @@ def _assert_matches_numpy(written, parent_a, parent_b, order, mix_ratio, split_p
         else:
             assert written[name].dtype == torch.float32
             torch.testing.assert_close(written[name].double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_relative_local_paths_merge_offline_with_a_model_card(setup):
+    """``models/a`` with HF_HUB_OFFLINE=1: mergekit 0.1.5 alone fails in its card step."""
+    run = setup["runs"]["relative"]
+    written = run.tensors()
+    _assert_matches_numpy(
+        written, setup["parents"]["a"], setup["parents"]["b"], setup["order"], 0.3, 0.6, False
+    )
+    card = (run.out / "README.md").read_text()
+    assert "models/a" in card and "huggingface.co/models/a" not in card
 
 
 def test_split_inside_a_tensor_matches_numpy_and_in_memory(setup):

@@ -253,7 +253,15 @@ def mergekit_yaml_executable() -> str | None:
 class MergekitRun:
     """One ``mergekit-yaml CONFIG OUT [ARGS]`` run: config file, output folder, result."""
 
-    def __init__(self, root: Path, name: str, config: dict, args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        root: Path,
+        name: str,
+        config: dict,
+        args: Sequence[str] = (),
+        cwd: Path | None = None,
+    ) -> None:
+        """``cwd``: where mergekit-yaml runs (relative model paths are resolved there)."""
         import yaml
 
         self.name = name
@@ -261,6 +269,7 @@ class MergekitRun:
         self.config_path.write_text(yaml.safe_dump(config))
         self.out = root / f"out-{name}"
         self.args = tuple(args)
+        self.cwd = cwd
         self.result: subprocess.CompletedProcess[str] | None = None
 
     def run(self, executable: str) -> MergekitRun:
@@ -269,7 +278,13 @@ class MergekitRun:
         env.setdefault("OMP_NUM_THREADS", "1")  # several run side by side on few cores
         command = [executable, str(self.config_path), str(self.out), *self.args]
         self.result = subprocess.run(
-            command, capture_output=True, text=True, env=env, timeout=600, check=False
+            command,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+            check=False,
+            cwd=self.cwd,
         )
         return self
 

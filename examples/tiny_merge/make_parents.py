@@ -6,13 +6,16 @@
 The parents are random (two seeds) 2-layer Llamas with a word-level tokenizer built in code,
 saved with ``save_pretrained``; nothing is downloaded. The config merges them with
 ``merge_method: m2n2``: the first 40 % of the parameters (in the architecture's order) take
-30 % of parent B, the rest 70 %. ``--check DIR`` loads a merged model and prints a greedy
-continuation, to show the result is an ordinary transformers model.
+30 % of parent B, the rest 70 %. ``--check DIR`` loads a merged model, prints a greedy
+continuation (it is an ordinary transformers model) and a verdict: whether its tensors are
+exactly the ``m2n2`` merge of the parents its ``mergekit_config.yml`` names, recomputed in
+memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -60,9 +63,13 @@ def build_parent(path: Path, seed: int) -> None:
     build_tokenizer().save_pretrained(path)
 
 
-def check(merged: Path) -> None:
+def check(merged: Path) -> bool:
+    """Load ``merged``, show a continuation, and say whether it is the m2n2 merge (True)."""
     from transformers import AutoModelForCausalLM
     from transformers import AutoTokenizer
+
+    from m2n2_plugin.merge.method import m2n2_merge_state_dicts
+    from m2n2_plugin.merge.models import read_tensors
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
     model = AutoModelForCausalLM.from_pretrained(merged)
@@ -71,6 +78,27 @@ def check(merged: Path) -> None:
     print(f"{sum(p.numel() for p in model.parameters())} parameters; greedy continuation of")
     print(f"'a b c': {tokenizer.decode(out[0][inputs['input_ids'].shape[1] :])!r}")
 
+    # mergekit-yaml writes the config it ran beside the model.
+    recipe = yaml.safe_load((merged / "mergekit_config.yml").read_text())
+    a, b = (Path(m["model"]) for m in recipe["models"])
+    params = recipe["parameters"]
+    expected = m2n2_merge_state_dicts(
+        read_tensors(a),
+        read_tensors(b),
+        mix_ratio=params["mix_ratio"],
+        split_point=params["split_point"],
+        config=model.config,
+    )
+    written = read_tensors(merged)
+    differ = sorted(n for n in expected if not torch.equal(written.get(n), expected[n]))
+    what = f"m2n2({a.name}, {b.name}, mix_ratio={params['mix_ratio']}, split_point="
+    what += f"{params['split_point']})"
+    if differ or set(written) != set(expected):
+        print(f"verdict: NOT the merge {what}: {len(differ)} tensors differ (first: {differ[:1]})")
+        return False
+    print(f"verdict: ok, all {len(written)} tensors are exactly {what}")
+    return True
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -78,8 +106,7 @@ def main() -> None:
     parser.add_argument("--check", type=Path, metavar="DIR", help="load a merged model")
     args = parser.parse_args()
     if args.check:
-        check(args.check)
-        return
+        sys.exit(0 if check(args.check) else 1)
     out = args.out.resolve()
     build_parent(out / "parent_a", seed=1)
     build_parent(out / "parent_b", seed=2)

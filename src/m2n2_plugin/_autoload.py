@@ -6,7 +6,10 @@ every Python start-up seconds slower, so the ``.pth`` file shipped with this dis
 imports this package, whose ``__init__`` calls :func:`install`. That puts a one-shot finder on
 ``sys.meta_path``; when something imports ``mergekit.merge_methods``, the finder lets the normal
 machinery load it and, once the module has executed, imports :mod:`m2n2_plugin.merge.method` and
-registers the method. After that the finder is gone.
+registers the method. The same finder waits for ``mergekit.card`` (the model card step) and
+lets it take an existing local model folder for local (:mod:`m2n2_plugin.merge.offline_card`),
+so that ``mergekit-yaml`` on ``models/a`` works offline. Once both have been seen the finder is
+gone.
 
 This module must stay standard-library only and cheap to import: it runs in every interpreter
 of the environment. Set ``M2N2_NO_AUTOLOAD=1`` to skip it at start-up (``import m2n2_plugin``
@@ -24,6 +27,8 @@ if TYPE_CHECKING:
 
 #: The module whose import triggers registration (it holds mergekit's registry).
 TARGET = "mergekit.merge_methods"
+#: mergekit's model card module, mended for offline local folders when it is imported.
+CARD = "mergekit.card"
 
 
 def _register_now() -> None:
@@ -47,11 +52,32 @@ def _register_now() -> None:
         )
 
 
-class _RegisterAfterExec:
-    """Loader proxy: run the real loader, then register; everything else is delegated."""
+def _mend_card() -> None:
+    """Let mergekit's card step take an existing model folder for local (never fails)."""
+    try:
+        from m2n2_plugin.merge.offline_card import local_folders_are_local
 
-    def __init__(self, loader: Any) -> None:
+        local_folders_are_local(sys.modules[CARD])
+    except Exception as exc:  # noqa: BLE001 - mergekit must keep working without us
+        import warnings
+
+        warnings.warn(
+            f"m2n2_plugin: could not mend mergekit's model card for local folders: {exc}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+#: What to do once each watched module has executed.
+HOOKS = {TARGET: _register_now, CARD: _mend_card}
+
+
+class _RunAfterExec:
+    """Loader proxy: run the real loader, then ``after``; everything else is delegated."""
+
+    def __init__(self, loader: Any, after: Any) -> None:
         self._loader = loader
+        self._after = after
 
     def create_module(self, spec: Any) -> Any:
         return self._loader.create_module(spec)
@@ -62,26 +88,27 @@ class _RegisterAfterExec:
         if getattr(module, "__spec__", None) is not None:
             module.__spec__.loader = self._loader
         self._loader.exec_module(module)
-        _register_now()
+        self._after()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._loader, name)
 
 
 class RegistrationFinder:
-    """A ``sys.meta_path`` finder that only reacts to :data:`TARGET`, once."""
+    """A ``sys.meta_path`` finder that only reacts to the modules in :data:`HOOKS`, once each."""
 
     #: Marks our finder even across reloads of this module (see :func:`install`).
     m2n2_autoload = True
 
     @classmethod
     def find_spec(cls, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname != TARGET:
+        if fullname not in HOOKS:
             return None
-        _remove_finders()
+        if all(name in sys.modules for name in HOOKS if name != fullname):
+            _remove_finders()  # the last one: nothing left to watch
         for finder in sys.meta_path:
             find_spec = getattr(finder, "find_spec", None)
-            if find_spec is None:
+            if find_spec is None or getattr(finder, "m2n2_autoload", False):
                 continue
             spec = find_spec(fullname, path, target)
             if spec is not None:
@@ -89,7 +116,7 @@ class RegistrationFinder:
         else:
             return None
         if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _RegisterAfterExec(spec.loader)
+            spec.loader = _RunAfterExec(spec.loader, HOOKS[fullname])
         return spec
 
 
@@ -100,11 +127,13 @@ def _remove_finders() -> None:
 def install() -> None:
     """Arrange for ``m2n2`` to be registered with mergekit; idempotent and cheap.
 
-    If mergekit's registry is already imported, register right away (this imports torch and
-    mergekit, which are loaded anyway). Otherwise add the finder, unless one is there already.
+    A watched module already imported gets its hook right away (registering imports torch and
+    mergekit, which are loaded anyway). For the others, add the finder, unless one is there.
     """
-    if TARGET in sys.modules:
-        _register_now()
+    for name, hook in HOOKS.items():
+        if name in sys.modules:
+            hook()
+    if all(name in sys.modules for name in HOOKS):
         return
     if not any(getattr(f, "m2n2_autoload", False) for f in sys.meta_path):
         sys.meta_path.insert(0, RegistrationFinder)
