@@ -419,6 +419,7 @@ def _mount_tmpfs(folder: Path, size: str) -> bool:
     return proc.returncode == 0
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_a_child_is_written_is_one_line(workspace: Path, tmp_path: Path) -> None:
     """The output folder on a real filesystem too small for a child's weights: the trial that
     writes it stops the run with one line (no Optuna traceback), exit 2; the study and the

@@ -92,6 +92,7 @@ def test_example_help_shows_the_default_seed(capsys: pytest.CaptureFixture[str])
     assert "(default: 3)" in " ".join(capsys.readouterr().out.split())
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_trial_is_one_line_and_the_rerun_resumes(workspace: Path) -> None:
     """SIGINT while trial 3 is being scored (a real process, as a terminal's Ctrl-C sends it):
     one line, exit 130, the finished trials kept; the same command then resumes, says where,

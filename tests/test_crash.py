@@ -28,6 +28,8 @@ from evolve_workspace import worker_env
 from evolve_workspace import write_config
 from optuna.trial import TrialState
 
+pytestmark = pytest.mark.slow  # subprocesses: see pyproject's markers
+
 PHASES = ("merge", "evaluate", "save", "saved")
 FROM_TRIAL = 4  # trials 0-2 are the seeds, trial 3 the first child: it fills the empty slot
 ARCHIVE_SIZE = 4

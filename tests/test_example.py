@@ -26,6 +26,7 @@ def reduced_splits(n_docs: int = 600, n_dev: int = 40) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_the_specialists_reach_their_threshold_on_a_reduced_example() -> None:
     """The example's whole training recipe (base, then one specialist per skill) on a fifth of
     its documents, in about 15 s of CPU: a change that weakens the training fails here, not
@@ -60,6 +61,7 @@ def test_a_training_that_misses_its_threshold_is_one_line() -> None:
     assert "\n" not in str(exc.value) and "try another --seed" in str(exc.value)
 
 
+@pytest.mark.slow
 def test_the_example_command_trains_evolves_and_ends_with_a_verdict(tmp_path: Path) -> None:
     """``m2n2 example`` as the README runs it (the example's own trial budget): each
     specialist's accuracy on both skills, the held-out table, and a last line that compares

@@ -28,6 +28,8 @@ from tiny_models import run_all
 from tiny_models import save_as_pytorch_bin
 from tiny_models import tiny_llama_config
 
+pytestmark = pytest.mark.slow  # subprocesses: see pyproject's markers
+
 LAYERS = 3
 INSIDE = "model.layers.1.self_attn.q_proj.weight"  # where the "inside a tensor" split falls
 

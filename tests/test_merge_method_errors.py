@@ -16,6 +16,8 @@ from tiny_models import mergekit_yaml_executable
 from tiny_models import run_all
 from tiny_models import tiny_llama_config
 
+pytestmark = pytest.mark.slow  # subprocesses: see pyproject's markers
+
 CASES = {
     "three_models": "expects exactly two models",
     "no_base_model": "base_model is required",

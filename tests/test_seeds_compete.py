@@ -339,6 +339,7 @@ def test_single_task_weights_change_nothing(workspace: Path) -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["postgres", "sqlite"])
 def test_workers_with_more_seeds_than_slots(
     kind: str, workspace: Path, request: pytest.FixtureRequest

@@ -95,7 +95,7 @@ class ScriptedLM(LM):
 
 
 def test_task_yamls_load_and_score_through_lm_eval(skills) -> None:
-    from m2n2_plugin.search.fitness import DocSet
+    from m2n2_plugin.search.documents import DocSet
     from m2n2_plugin.search.fitness import LmEvalFitness
 
     tasks = ["skill_arith", "skill_reverse", "skill_sub", "skill_digits"]

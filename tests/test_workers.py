@@ -24,6 +24,8 @@ from evolve_workspace import worker_env
 from evolve_workspace import write_config
 from optuna.trial import TrialState
 
+pytestmark = pytest.mark.slow  # subprocesses: see pyproject's markers
+
 N_WORKERS = 3
 ARCHIVE_SIZE = 3  # as many slots as seeds: from the first child on, every child competes
 

@@ -35,7 +35,7 @@ from m2n2_plugin.report.outputs import Settings
 from m2n2_plugin.report.outputs import write_outputs
 from m2n2_plugin.report.ranking import archive_figures
 from m2n2_plugin.search.config import EvolveConfig
-from m2n2_plugin.search.fitness import DocSet
+from m2n2_plugin.search.documents import DocSet
 from m2n2_plugin.search.fitness import LmEvalFitness
 from m2n2_plugin.search.weights import FitnessWeights
 from m2n2_plugin.search.workers import MemberEvicted

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from m2n2_plugin.errors import M2N2Error
-from m2n2_plugin.search.fitness import DocSet
+from m2n2_plugin.search.documents import DocSet
 
 #: The study user attr that logs the weights (what ``to_json`` returns).
 STUDY_ATTR = "m2n2.fitness_weights"
