@@ -5,7 +5,7 @@ Three ways, each in its own fresh Python process so that every baseline is clean
 * ``naive``: both parents' state dicts (``models.read_tensors``), the child as a third state
   dict (``m2n2_merge_state_dicts``), then copied into the resident model -- what ``m2n2
   evolve`` did before ``resident.py``;
-* ``resident``: :func:`m2n2_plugin.resident.merge_into_model`, parents read with positioned
+* ``resident``: :func:`m2n2_plugin.merge.resident.merge_into_model`, parents read with positioned
   reads, the child written tensor by tensor into the model;
 * ``resident-uncached``: the same, forgetting the parents' cached squared norms before each
   child (as when a pair's files are merged for the first time: three product passes per tensor

@@ -20,10 +20,10 @@ from evolve_workspace import build_workspace
 from evolve_workspace import worker_env
 from evolve_workspace import write_config
 
-from m2n2_plugin.config import EvolveConfig
-from m2n2_plugin.config import FitnessConfig
-from m2n2_plugin.config import SearchConfig
-from m2n2_plugin.config import parse_config
+from m2n2_plugin.search.config import EvolveConfig
+from m2n2_plugin.search.config import FitnessConfig
+from m2n2_plugin.search.config import SearchConfig
+from m2n2_plugin.search.config import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -61,6 +61,7 @@ def test_optuna_snippet_runs_as_pasted(tmp_path: Path) -> None:
     assert coverage and float(coverage.group(1)) >= solved, lines
 
 
+@pytest.mark.slow
 def test_mergekit_yaml_runs_offline_as_written(tmp_path: Path) -> None:
     from mergekit.config import MergeConfiguration
 
@@ -117,6 +118,7 @@ def _graphs(out: Path) -> set[str]:
     return set(get_plotly_graph_objects(system_attrs))
 
 
+@pytest.mark.slow
 def test_rerun_puts_the_plots_into_a_study_made_without_the_dashboard(tmp_path: Path) -> None:
     """The README: installed the extra after a run? Rerun the same command."""
     pytest.importorskip("optuna_dashboard")
