@@ -66,7 +66,7 @@ def m2n2_documents(run: Path) -> list[dict[str, Any]]:
 
 
 class CmaBaseline:
-    """CMA-ES on mergekit's genome, scored by ``scorer`` (run.py's Scorer)."""
+    """CMA-ES on mergekit's genome, scored by ``scorer`` (scoring.Scorer)."""
 
     def __init__(
         self,
@@ -140,9 +140,9 @@ class CmaBaseline:
         trial.set_user_attr("score_s", time.perf_counter() - merged)
         return float(np.mean(scores))
 
-    def run(self, budget: int) -> list[dict[str, Any]]:
+    def run(self, budget: int, on_trial: Any = None) -> list[dict[str, Any]]:
         """Trials until ``budget`` documents are evaluated; per trial the documents so far
-        and the best mean so far."""
+        and the best mean so far. ``on_trial()`` is called after each trial."""
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -155,6 +155,8 @@ class CmaBaseline:
                 f"{(t.number + 1) * n}/{budget} documents)",
                 flush=True,
             )
+            if on_trial is not None:
+                on_trial()
         rows, best = [], -1.0
         for t in self.study.trials:
             best = max(best, t.value)

@@ -81,6 +81,17 @@ def accuracy(model, tokenizer, docs: list[dict[str, str]]) -> float:
     return sum(hits) / len(hits)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16). Without it,
+    torch's bf16 autocast emulates every matmul: 88 s per step against 5.4 s in float32 on an
+    AMD EPYC without these flags, where with them bf16 is the faster of the two."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def finetune(base: Path, skill: str, out: Path, args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers import AutoTokenizer
@@ -112,6 +123,13 @@ def finetune(base: Path, skill: str, out: Path, args: argparse.Namespace) -> dic
         sched.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
+        if done == 5:
+            per_step = (time.perf_counter() - start) / done
+            print(
+                f"{skill}: {per_step:.1f} s per step ({'bf16' if args.bf16 else 'float32'}): "
+                f"at most {args.steps} steps, about {per_step * args.steps / 60:.0f} min",
+                flush=True,
+            )
         if done % args.eval_every == 0 or done == args.steps:
             model.eval()
             acc = accuracy(model, tokenizer, dev)
@@ -155,8 +173,16 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="pure float32")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="bf16 autocast or pure float32; auto: bf16 only where the CPU has native bf16",
+    )
+    parser.add_argument("--no-bf16", dest="precision", action="store_const", const="fp32")
     args = parser.parse_args()
+    args.bf16 = args.precision == "bf16" or (args.precision == "auto" and native_bf16())
+    print(f"training in {'bf16 autocast' if args.bf16 else 'float32'} ({args.precision})")
     torch.set_num_threads(args.threads)
     base = args.models / "base"
     if not (base / "model.safetensors").is_file():

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from scoring import Scorer
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -143,53 +145,6 @@ def merge(name: str, config: dict) -> Path:
     subprocess.run(["mergekit-yaml", str(cfg), str(tmp)], cwd=HERE, check=True)
     os.replace(tmp, out)
     return out
-
-
-class Scorer:
-    """The evolve config's lm-eval fitness on one resident model, for any model folder."""
-
-    def __init__(self) -> None:
-        import torch
-        from lm_eval.models.huggingface import HFLM
-        from transformers import AutoConfig
-        from transformers import AutoModelForCausalLM
-        from transformers import AutoTokenizer
-
-        from m2n2_plugin.search.config import load_config
-        from m2n2_plugin.search.fitness import load_fitness
-
-        cfg = load_config(CONFIG)
-        fc = cfg.fitness
-        torch.set_num_threads(fc.num_threads or os.cpu_count() or 1)
-        self.fitness, fitness_docs, heldout_docs = load_fitness(cfg)
-        self.docs = {"fitness": fitness_docs, "heldout": heldout_docs}
-        base = MODELS / "base"
-        self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).eval()
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        self.lm = HFLM(pretrained=self.model, tokenizer=tokenizer, batch_size=fc.batch_size)
-
-    def __call__(self, folder: Path, which: str = "heldout") -> dict[str, float]:
-        """Mean score per skill and overall of the model in ``folder``."""
-        return self.scores(folder, which)["means"]
-
-    def scores(self, folder: Path, which: str = "heldout") -> dict:
-        """``{"means": ..., "docs": [one score per document]}``, cached per file version."""
-        from m2n2_plugin.merge.checkpoint import tensor_files
-        from m2n2_plugin.merge.resident_model import load_checkpoint_into_model
-
-        stamp = [(str(f.resolve()), f.stat().st_mtime_ns) for f in tensor_files(folder)]
-        docs = self.docs[which]
-        span = {t: [ids[0], ids[-1], len(ids)] for t, ids in docs.ids.items() if ids}
-        key = json.dumps([which, span, stamp])
-        cache = json.loads(SCORES.read_text()) if SCORES.is_file() else {}
-        if "docs" in cache.get(key, {}):
-            return cache[key]
-        load_checkpoint_into_model(self.model, folder)
-        per_doc = self.fitness.score(self.lm, docs)
-        out = {"means": docs.task_means(per_doc), "docs": per_doc.tolist()}
-        SCORES.parent.mkdir(parents=True, exist_ok=True)
-        SCORES.write_text(json.dumps({**cache, key: out}))
-        return out
 
 
 def paired(a: list[float], b: list[float]) -> dict[str, float]:
@@ -405,7 +360,7 @@ def main() -> None:
                 tensor_files(folder)
             except M2N2Error as err:
                 parser.error(str(err))
-        score = Scorer()
+        score = Scorer(CONFIG, MODELS / "base", SCORES)
         for folder in args.score:
             mine = score.scores(folder.resolve())
             print(f"{folder}: {json.dumps(mine['means'])}")
@@ -418,7 +373,7 @@ def main() -> None:
         check=True,
     )
 
-    score = Scorer()
+    score = Scorer(CONFIG, MODELS / "base", SCORES)
     rows: dict[str, dict[str, float]] = {}
     per_doc: dict[str, list[float]] = {}  # each row's held-out scores, for paired differences
 

