@@ -6,8 +6,9 @@
 
 Every M2N2 variant runs the package's Optuna Hub sampler (``m2n2_plugin.hub.M2N2Sampler``)
 through a plain ``study.optimize`` and crosses parents with the package's split-point SLERP
-kernel (``m2n2_plugin.merge.kernel.split_slerp``) on the MLP's flat parameter vector — the same code a
-user gets; this file only supplies the objective (build the child, score it per example).
+kernel (``m2n2_plugin.merge.kernel.split_slerp``) on the MLP's flat parameter vector — the
+same code a user gets; this file only supplies the objective (build the child, score it per
+example).
 
 Methods (``--method``):
 
