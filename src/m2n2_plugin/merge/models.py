@@ -8,6 +8,7 @@ front that they can be merged at all: same architecture, same tensor names and s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -25,6 +26,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save_file
 
 from m2n2_plugin.errors import M2N2Error
+from m2n2_plugin.merge.checkpoint import Checkpoint
 from m2n2_plugin.merge.checkpoint import checkpoint_shapes
 from m2n2_plugin.merge.checkpoint import tensor_files
 
@@ -250,6 +252,26 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     for f in tensor_files(path) if path.is_dir() else [path]:
         out.update(load_file(str(f)))
     return out
+
+
+def shared_tensors(paths: list[Path]) -> set[str]:
+    """Keys of the tensors that are bit-identical in every model of ``paths``.
+
+    Read once per run (``search.split_over: differing``), one tensor at a time per model:
+    fine-tunes often freeze their embeddings, and such a tensor stays the same in every child.
+    """
+    with contextlib.ExitStack() as stack:
+        models = [stack.enter_context(Checkpoint(p)) for p in paths]
+        first, rest = models[0], models[1:]
+        shared = set()
+        for key, entry in first.entries.items():
+            same = (key in m.entries and m.entries[key].shape == entry.shape for m in rest)
+            if not all(same) or any(m.entries[key].dtype != entry.dtype for m in rest):
+                continue
+            value = first.get(key)
+            if all(torch.equal(value, m.get(key, reuse=True)) for m in rest):
+                shared.add(key)
+    return shared
 
 
 def check_compatible(seeds: list[Seed]) -> dict[str, tuple[int, ...]]:

@@ -49,6 +49,17 @@ class Node:
         return f"w={self.mix_ratio:.2f} s={self.split_point:.2f}"
 
 
+#: The split point a child was merged with, where it is not the drawn ``split_point`` param
+#: (``search.split_over: differing`` maps the draw onto the tensors that differ).
+SPLIT_POINT_ATTR = "m2n2.split_point"
+
+
+def crossover(trial: Any) -> tuple[float, float]:
+    """``(mix_ratio, split_point)`` a child was merged with: what its recipe must say."""
+    split_point = trial.user_attrs.get(SPLIT_POINT_ATTR, trial.params["split_point"])
+    return float(trial.params["mix_ratio"]), float(split_point)
+
+
 def ancestors_first(trials: Mapping[int, Any], number: int) -> list[int]:
     """Trial ``number`` and its ancestors back to the seeds, each once, parents before children.
 
@@ -93,13 +104,14 @@ def ancestry(trials: Mapping[int, Any], number: int) -> dict[int, Node]:
             nodes[n] = Node(n, value, 0, seed_name=name)
             continue
         a, b = (int(p) for p in attrs["m2n2.parents"])
+        mix_ratio, split_point = crossover(trial)
         nodes[n] = Node(
             n,
             value,
             1 + max(nodes[a].generation, nodes[b].generation),
             parents=(a, b),
-            mix_ratio=float(trial.params["mix_ratio"]),
-            split_point=float(trial.params["split_point"]),
+            mix_ratio=mix_ratio,
+            split_point=split_point,
         )
     return nodes
 

@@ -80,10 +80,8 @@ def lineage_docs(
             ref[n] = CONFIG_MERGE
             continue
         a, b = (int(p) for p in attrs["m2n2.parents"])
-        params: dict[str, Any] = {
-            "mix_ratio": float(trial.params["mix_ratio"]),
-            "split_point": float(trial.params["split_point"]),
-        }
+        mix_ratio, split_point = family_tree.crossover(trial)
+        params: dict[str, Any] = {"mix_ratio": mix_ratio, "split_point": split_point}
         if settings.granularity != "element":
             params["granularity"] = settings.granularity
         doc: dict[str, Any] = {

@@ -140,6 +140,10 @@ class SearchConfig(BaseModel):
     use_attraction: bool = True
     use_split_point: bool = True
     granularity: Literal["element", "layer"] = "element"
+    # Where the split point is drawn: over every parameter (all, the paper), or only over the
+    # tensors in which the seeds differ (differing: a split inside a tensor every seed shares,
+    # e.g. a frozen embedding, changes nothing there). merge.layout.SplitSpace.
+    split_over: Literal["all", "differing"] = "all"
     # Stop scoring a child once it provably cannot enter the archive (exact: the archive is
     # the same as without it). Documents are scored in chunks of this many, hardest first.
     early_rejection: bool = True

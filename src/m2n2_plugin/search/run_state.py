@@ -28,9 +28,11 @@ import torch
 from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.merge.checkpoint import checkpoint_shapes
 from m2n2_plugin.merge.layout import Architecture
+from m2n2_plugin.merge.layout import SplitSpace
 from m2n2_plugin.merge.models import Seed
 from m2n2_plugin.merge.resident import MergeScratch
 from m2n2_plugin.merge.resident_model import load_checkpoint_into_model
+from m2n2_plugin.report.family_tree import crossover
 from m2n2_plugin.report.outputs import Settings
 from m2n2_plugin.report.outputs import write_outputs
 from m2n2_plugin.report.ranking import archive_figures
@@ -102,6 +104,8 @@ class RunState:
     arch: Architecture | None = None
     #: The fitness documents' weights (weights.py); None: every document the same.
     fitness_weights: FitnessWeights | None = None
+    #: Where a drawn split point falls (``search.split_over``), made once by ``prepare``.
+    split_space: SplitSpace | None = None
 
     # ----------------------------------------------------------------- archive helpers
     def trial_attrs(self, number: int) -> dict[str, Any]:
@@ -242,11 +246,8 @@ class RunState:
             what = f"seed {attrs['m2n2.model']}"
         elif "m2n2.parents" in attrs:
             a, b = attrs["m2n2.parents"]
-            p = frozen.params
-            what = (
-                f"child of {a} x {b} (mix_ratio={p['mix_ratio']:.3f}, "
-                f"split_point={p['split_point']:.3f})"
-            )
+            mix_ratio, split_point = crossover(frozen)
+            what = f"child of {a} x {b} (mix_ratio={mix_ratio:.3f}, split_point={split_point:.3f})"
         else:
             what = "trial"
         if frozen.state == optuna.trial.TrialState.PRUNED:
@@ -282,6 +283,10 @@ class RunState:
         self.tokenizer.save_pretrained(folder)
 
 
+#: Search options that came after the fingerprint, with their defaults (see fingerprint()).
+LATER_DEFAULTS: dict[str, Any] = {"split_over": "all"}
+
+
 def fingerprint(cfg: EvolveConfig, seeds: list[Seed], fitness: DocSet) -> dict[str, Any]:
     """What must not change between a run and its resumption."""
     # Settings that do not change the archive may differ between a run and its resumption.
@@ -297,6 +302,10 @@ def fingerprint(cfg: EvolveConfig, seeds: list[Seed], fitness: DocSet) -> dict[s
             "seed_config_merge",  # the seeds say it (the merge is one, with its recipe)
         }
     )
+    # Options added later are left out at their defaults: studies made before them resume.
+    for key, default in LATER_DEFAULTS.items():
+        if search.get(key) == default:
+            search.pop(key)
     return {
         "seeds": [s.identity for s in seeds],
         "tasks": cfg.fitness.tasks,

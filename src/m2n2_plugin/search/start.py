@@ -14,11 +14,17 @@ from pathlib import Path
 import torch
 
 from m2n2_plugin.errors import M2N2Error
+from m2n2_plugin.merge.checkpoint import checkpoint_shapes
 from m2n2_plugin.merge.layout import Architecture
+from m2n2_plugin.merge.layout import Parent
+from m2n2_plugin.merge.layout import SplitSpace
+from m2n2_plugin.merge.layout import plan_pair
+from m2n2_plugin.merge.models import Seed
 from m2n2_plugin.merge.models import check_compatible
 from m2n2_plugin.merge.models import check_tokenizers
 from m2n2_plugin.merge.models import config_merge_seed
 from m2n2_plugin.merge.models import seeds_from_mergekit
+from m2n2_plugin.merge.models import shared_tensors
 from m2n2_plugin.merge.models import write_config_merge
 from m2n2_plugin.search.config import EvolveConfig
 from m2n2_plugin.search.config import load_yaml
@@ -119,6 +125,9 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
             raise write_error(Path(exc.filename or seeds[-1].path), exc) from exc
         check_compatible([seeds[0], seeds[-1]])
         check_tokenizers([seeds[0], seeds[-1]])
+    hf_config = AutoConfig.from_pretrained(seeds[0].path)
+    arch = Architecture.for_config(hf_config)
+    space = split_space(cfg, seeds, arch)  # before the study: a bad option leaves none
     sampler = M2N2Sampler(
         archive_size=cfg.search.archive_size,
         alpha=cfg.search.alpha,
@@ -159,7 +168,6 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     tok_src = carried.get("tokenizer_source")
     tok_path = tok_src if tok_src not in (None, "base", "union") else None
     tok_path = tok_path or carried.get("base_model") or str(seeds[0].path)
-    hf_config = AutoConfig.from_pretrained(seeds[0].path)
     merge_dtype = DTYPES.get(carried.get("dtype", ""))
     # On the device, no random init, holding the first seed (evaluated first anyway).
     model = build_resident_model(
@@ -191,7 +199,32 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         lm=lm,
         merge_dtype=merge_dtype,
         out_dtype=DTYPES.get(carried.get("out_dtype") or carried.get("dtype", "")),
-        arch=Architecture.for_config(hf_config),
+        arch=arch,
         fitness_weights=weights,
+        split_space=space,
     )
     return run
+
+
+def split_space(cfg: EvolveConfig, seeds: list[Seed], arch: Architecture) -> SplitSpace | None:
+    """Where the run's split points fall (``search.split_over``), made once and passed down;
+    None: over every parameter (the draw is the split point)."""
+    if cfg.search.split_over == "all":
+        return None
+    shapes = checkpoint_shapes(seeds[0].path)
+    plan = plan_pair(arch, Parent("seed 0", shapes), Parent("seed 0", shapes))
+    shared = shared_tensors([s.path for s in seeds])
+    moving = [n for n in plan.layout.names if plan.sources_a.get(n) not in shared]
+    if not moving:
+        raise M2N2Error(
+            "search.split_over: differing needs seed models that differ; every tensor is "
+            "the same in all of them"
+        )
+    LOG.info(
+        "m2n2: split points fall in the %d of %d tensors in which the seeds differ "
+        "(%.1f %% of the parameters)",
+        len(moving),
+        len(plan.layout.names),
+        100.0 * SplitSpace.over(plan.layout, moving).size / plan.layout.total,
+    )
+    return SplitSpace.over(plan.layout, moving)
