@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -306,3 +307,23 @@ def check_study_and_files(out: Path, study: optuna.Study, archive_size: int) -> 
         row = arch.scores[arch.members.index(number)]
         assert np.isclose(row.mean(), study.trials[number].value)
     return arch
+
+
+def rebuild_lineage(out: Path, work: Path) -> list[dict[str, Any]]:
+    """Rebuild ``out/best`` from its ``lineage.yml`` with mergekit's ``mergekit-multi``, check
+    every tensor is the same, and return the lineage's merges (fails when there are none)."""
+    import torch
+    from safetensors.torch import load_file
+
+    lineage = out / "best" / "lineage.yml"
+    docs = [d for d in yaml.safe_load_all(lineage.read_text()) if d]
+    assert docs, "the best model is a seed: this run has no merge to rebuild"
+    command = [sys.executable, "-m", "mergekit.scripts.multimerge", str(lineage)]
+    command += ["--intermediate-dir", str(work / "work"), "--out-path", str(work / "rebuilt")]
+    proc = subprocess.run(command, capture_output=True, text=True, env=worker_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rebuilt = load_file(str(work / "rebuilt" / "model.safetensors"))
+    best = load_file(str(out / "best" / "model.safetensors"))
+    for name, tensor in rebuilt.items():
+        assert torch.equal(tensor, best[name]), name
+    return docs

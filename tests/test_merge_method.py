@@ -160,6 +160,46 @@ def test_in_memory_matches_numpy(config, parents, mix_ratio, split_point):
         np.testing.assert_allclose(merged[name].numpy(), expected[name], rtol=1e-5, atol=1e-6)
 
 
+def test_several_split_points_alternate_the_ratio(config, parents):
+    """search.split_points: the ratio alternates between the (sorted) split points."""
+    order = _order(config)
+    points = [
+        _split_inside(parents[0], order, name, fraction)[0]
+        for name, fraction in [
+            ("model.layers.2.mlp.up_proj.weight", 0.5),
+            ("model.layers.0.self_attn.k_proj.weight", 0.25),
+            ("model.layers.1.mlp.down_proj.weight", 0.75),
+        ]
+    ]
+    total = sum(parents[0][n].numel() for n in order)
+    merged = m2n2_merge_state_dicts(
+        parents[0], parents[1], mix_ratio=0.3, split_point=points, config=config
+    )
+    splits = [math.floor(p * total) for p in points]
+    expected = numpy_m2n2(as_numpy(parents[0]), as_numpy(parents[1]), order, 0.3, splits)
+    for name in order:
+        np.testing.assert_allclose(merged[name].numpy(), expected[name], rtol=1e-5, atol=1e-6)
+    # Not the one-split child: from the second split on, the ratio is mix_ratio again.
+    one = m2n2_merge_state_dicts(
+        parents[0], parents[1], mix_ratio=0.3, split_point=min(points), config=config
+    )
+    between = "model.layers.2.self_attn.q_proj.weight"  # after the 2nd split, before the 3rd
+    assert not torch.allclose(one[between], merged[between])
+    # Two equal split points cancel: every parameter gets mix_ratio, as with split_point 1.
+    twice = m2n2_merge_state_dicts(
+        parents[0], parents[1], mix_ratio=0.3, split_point=[0.4, 0.4], config=config
+    )
+    none = m2n2_merge_state_dicts(
+        parents[0], parents[1], mix_ratio=0.3, split_point=1.0, config=config
+    )
+    for name in order:
+        assert torch.equal(twice[name], none[name]), name
+    with pytest.raises(M2N2ConfigError, match="1 to 4 split points"):
+        m2n2_merge_state_dicts(
+            parents[0], parents[1], mix_ratio=0.3, split_point=[0.1] * 5, config=config
+        )
+
+
 def test_in_memory_extremes_are_exact(config, parents):
     a, b = parents
     only_a = m2n2_merge_state_dicts(a, b, mix_ratio=0.0, split_point=1.0, config=config)

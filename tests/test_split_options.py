@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from evolve_workspace import build_workspace
+from evolve_workspace import rebuild_lineage
 from evolve_workspace import write_config
 from safetensors.torch import load_file
 from safetensors.torch import save_file
@@ -19,7 +18,7 @@ from safetensors.torch import save_file
 from m2n2_plugin.errors import M2N2ConfigError
 from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.merge.layout import ModelLayout
-from m2n2_plugin.merge.layout import SplitSpace
+from m2n2_plugin.merge.split_space import SplitSpace
 
 EMBED = "model.embed_tokens.weight"
 
@@ -88,7 +87,7 @@ def test_differing_splits_skip_the_shared_embedding_and_rebuild(frozen: Path, tm
     children = [t for t in run.study.trials if "m2n2.parents" in t.user_attrs]
     assert children
     for t in children:
-        drawn, used = t.params["split_point"], t.user_attrs["m2n2.split_point"]
+        drawn, (used,) = t.params["split_point"], t.user_attrs["m2n2.split_point"]
         assert used == space.split_point(drawn)
         index = math.floor(used * space.total)
         assert any(o <= index < o + n for o, n in space.spans) or used == 1.0, t.number
@@ -97,30 +96,9 @@ def test_differing_splits_skip_the_shared_embedding_and_rebuild(frozen: Path, tm
     for path in (run.out / "archive").glob("*.safetensors"):
         assert torch.equal(load_file(str(path))[EMBED], shared), path.name
     # The recipe says the split point the merge used: mergekit rebuilds the best model.
-    lineage = run.out / "best" / "lineage.yml"
-    docs = [d for d in yaml.safe_load_all(lineage.read_text()) if d]
-    assert docs, "the best model is a seed: this run has no merge to rebuild"
-    used = {t.user_attrs["m2n2.split_point"] for t in children}
+    docs = rebuild_lineage(run.out, tmp_path)
+    used = {p for t in children for p in t.user_attrs["m2n2.split_point"]}
     assert {d["parameters"]["split_point"] for d in docs} <= used
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mergekit.scripts.multimerge",
-            str(lineage),
-            "--intermediate-dir",
-            str(tmp_path / "work"),
-            "--out-path",
-            str(tmp_path / "rebuilt"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rebuilt = load_file(str(tmp_path / "rebuilt" / "model.safetensors"))
-    best = load_file(str(run.out / "best" / "model.safetensors"))
-    for name, tensor in rebuilt.items():
-        assert torch.equal(tensor, best[name]), name
     # The option is part of the study: resuming with the paper's draw is refused.
     back = write_config(frozen, "differ", mergekit_config="frozen.yml", search__n_trials=16)
     with pytest.raises(M2N2Error, match="different 'search'"):
@@ -134,7 +112,9 @@ def test_differing_needs_seeds_that_differ(frozen: Path) -> None:
         "merge_method: slerp\nbase_model: f0\nmodels:\n  - model: f0\n  - model: f0\n"
         "parameters:\n  t: 0.5\ndtype: float32\n"
     )
-    cfg = write_config(frozen, "same_run", mergekit_config="same.yml", search__split_over="differing")
+    cfg = write_config(
+        frozen, "same_run", mergekit_config="same.yml", search__split_over="differing"
+    )
     with pytest.raises(M2N2Error, match="seed models that differ"):
         evolve(cfg, progress=False)
     assert not (frozen / "out-same_run" / "study.db").exists()
@@ -154,3 +134,37 @@ def test_the_default_leaves_the_fingerprint_as_before(frozen: Path) -> None:
 
 class _NoDocs:
     ids: dict = {}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_workspace(tmp_path_factory.mktemp("splits"))
+
+
+def test_several_split_points_per_child_rebuild(workspace: Path, tmp_path: Path) -> None:
+    from m2n2_plugin.search.evolve import evolve
+
+    run = evolve(
+        write_config(workspace, "three", search__n_trials=14, search__split_points=3),
+        progress=False,
+    )
+    children = [t for t in run.study.trials if "m2n2.parents" in t.user_attrs]
+    assert children
+    for t in children:
+        assert {"split_point", "split_point_2", "split_point_3"} <= set(t.params)
+    log = (run.out / "trials.log").read_text()
+    assert "split_point=0." in log and log.count("/") >= 2 * len(children)
+    for doc in rebuild_lineage(run.out, tmp_path):
+        assert {"split_point", "split_point_2", "split_point_3"} <= set(doc["parameters"])
+
+
+def test_split_points_config_errors(workspace: Path) -> None:
+    from m2n2_plugin.search.config import load_config
+
+    for value, message in [(0, "greater than or equal to 1"), (9, "less than or equal to 4")]:
+        with pytest.raises(M2N2Error, match=message):
+            load_config(write_config(workspace, "bad", search__split_points=value))
+    with pytest.raises(M2N2Error, match="needs use_split_point: true"):
+        load_config(
+            write_config(workspace, "bad", search__split_points=2, search__use_split_point=False)
+        )

@@ -207,9 +207,10 @@ def numpy_m2n2(
     parent_b: dict[str, np.ndarray],
     order: Sequence[str],
     mix_ratio: float,
-    split: int,
+    split: int | Sequence[int],
 ) -> dict[str, np.ndarray]:
-    """Split-point SLERP in float64: t = mix_ratio before flat index ``split``, else 1 - it.
+    """Split-point SLERP in float64: t = mix_ratio before flat index ``split``, else 1 - it
+    (several splits: t = mix_ratio where an even number of them lie at or before the index).
 
     One angle per tensor; linear interpolation when |cos| > 0.9995 (mergekit's slerp rule).
     """
@@ -218,7 +219,9 @@ def numpy_m2n2(
     for name in order:
         x = parent_a[name].astype(np.float64).ravel()
         y = parent_b[name].astype(np.float64).ravel()
-        t = np.where(offset + np.arange(x.size) < split, mix_ratio, 1.0 - mix_ratio)
+        index = offset + np.arange(x.size)
+        passed = sum(index >= s for s in (split if isinstance(split, Sequence) else [split]))
+        t = np.where(passed % 2 == 0, mix_ratio, 1.0 - mix_ratio)
         norm_x = np.linalg.norm(x) if np.linalg.norm(x) > 1e-8 else 1.0
         norm_y = np.linalg.norm(y) if np.linalg.norm(y) > 1e-8 else 1.0
         cos = float(np.clip(np.dot(x, y) / (norm_x * norm_y), -1.0, 1.0))

@@ -60,7 +60,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "use_attraction": True,
         "use_split_point": True,
         "granularity": "element",
+        "split_over": "all",
+        "split_points": 1,
     },
+    # The options screened against "paper" (docs/h2h.md), one change each.
+    "differ": {"split_over": "differing"},
+    "k3": {"split_points": 3},
 }
 METHODS = ("m2n2", "cma")
 #: One thread per run: two runs share two cores without oversubscribing them.

@@ -6,6 +6,7 @@ as ``m2n2_plugin.hub``. Both are this one folder.
 
 from .archive import Archive
 from .m2n2 import M2N2Sampler
+from .m2n2 import split_point_names
 from .niches import attraction
 from .niches import can_enter
 from .niches import draw_parents
@@ -25,4 +26,5 @@ __all__ = [
     "parent_b_probabilities",
     "replace_index",
     "shared_fitness",
+    "split_point_names",
 ]

@@ -54,6 +54,15 @@ _logger = optuna.logging.get_logger("optuna.m2n2")
 
 MIX_RATIO = "mix_ratio"
 SPLIT_POINT = "split_point"
+#: The most split points per child (``split_points``).
+MAX_SPLIT_POINTS = 4
+
+
+def split_point_names(k: int) -> list[str]:
+    """The parameter names of ``k`` split points: ``split_point``, ``split_point_2``, ..."""
+    return [SPLIT_POINT] + [f"{SPLIT_POINT}_{i}" for i in range(2, k + 1)]
+
+
 #: A trial whose predecessor has no plan yet waits at most this long for it (seconds).
 _PLAN_TIMEOUT = 30.0
 
@@ -74,6 +83,11 @@ class M2N2Sampler(BaseSampler):
             i.i.d. by shared fitness).
         use_split_point: draw a split point (False: the ablation, ``split_point`` is 1.0, i.e.
             one ratio for every parameter).
+        split_points: split points per child (1, the paper, to 4). With ``k > 1`` a child
+            also has ``split_point_2`` .. ``split_point_k`` (suggest them like
+            ``split_point``): the ratio alternates between ``mix_ratio`` and
+            ``1 - mix_ratio`` from one split to the next (sorted), so one crossover can change
+            more than two regions of the model.
         n_seeds: number of initial models, any number (more than ``archive_size`` too). Seeds
             are issued in index order, lowest free index first, one per trial, until each is
             COMPLETE, PRUNED or in flight; then every trial is a child. The first seeds to
@@ -104,6 +118,7 @@ class M2N2Sampler(BaseSampler):
         independent_sampler: BaseSampler | None = None,
         poll_interval: float = 1.0,
         capacity: ArrayLike | None = None,
+        split_points: int = 1,
     ) -> None:
         if int(archive_size) != archive_size or archive_size < 1:
             raise ValueError(f"archive_size must be a positive integer, got {archive_size!r}")
@@ -111,12 +126,20 @@ class M2N2Sampler(BaseSampler):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
         if int(n_seeds) != n_seeds or n_seeds < 1:
             raise ValueError(f"n_seeds must be a positive integer, got {n_seeds!r}")
+        if int(split_points) != split_points or not 1 <= split_points <= MAX_SPLIT_POINTS:
+            raise ValueError(
+                f"split_points must be an integer from 1 to {MAX_SPLIT_POINTS}, "
+                f"got {split_points!r}"
+            )
+        if split_points > 1 and not use_split_point:
+            raise ValueError("split_points > 1 needs use_split_point=True")
         if not poll_interval > 0:
             raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
         self._archive_size = int(archive_size)
         self._alpha = float(alpha)
         self._use_attraction = bool(use_attraction)
         self._use_split_point = bool(use_split_point)
+        self._split_names = split_point_names(int(split_points))
         self._n_seeds = int(n_seeds)
         self._seed = seed
         self._independent_sampler = independent_sampler or RandomSampler(seed=seed)
@@ -212,7 +235,7 @@ class M2N2Sampler(BaseSampler):
         param_name: str,
         param_distribution: BaseDistribution,
     ) -> Any:
-        if param_name not in (MIX_RATIO, SPLIT_POINT):
+        if param_name != MIX_RATIO and param_name not in self._split_names:
             return self._independent_sampler.sample_independent(
                 study, trial, param_name, param_distribution
             )
@@ -259,7 +282,8 @@ class M2N2Sampler(BaseSampler):
     def _make_plan(self, study: Study, trial: FrozenTrial) -> dict[str, Any]:
         """Decide the trial's role and draws once, and store them in the trial's system attrs.
 
-        Draw order from the trial's stream: A, B (children only), mix_ratio, split_point.
+        Draw order from the trial's stream: A, B (children only), mix_ratio, split_point, and
+        then any further split points.
         """
         storage = study._storage
         state, matrix = self._archive_fold.advance(study, trial.number)
@@ -296,6 +320,8 @@ class M2N2Sampler(BaseSampler):
             plan["parents"] = None
         plan[MIX_RATIO] = float(rng.random())
         plan[SPLIT_POINT] = float(rng.random()) if self._use_split_point else 1.0
+        for name in self._split_names[1:]:
+            plan[name] = float(rng.random())
         storage.set_trial_system_attr(trial._trial_id, PLAN_KEY, plan)
         with self._archive_fold.lock:
             self._archive_fold.cache(study).plans[trial._trial_id] = plan

@@ -27,8 +27,10 @@ parents merge without bf16 rounding in the intermediate sums; the result has the
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
+from collections.abc import Sequence
 
 import torch
 
@@ -40,6 +42,15 @@ MIN_SIN_OMEGA = 1e-6
 MERGEKIT_DOT_THRESHOLD = 0.9995
 #: Norms at or below this are not divided out (mergekit's rule): a zero tensor keeps cos = 0.
 NORM_EPS = 1e-8
+
+
+#: The most split points one crossover may have (``search.split_points``).
+MAX_SPLIT_POINTS = 4
+
+
+def split_point_names(k: int) -> list[str]:
+    """The parameter names of ``k`` split points: ``split_point``, ``split_point_2``, ..."""
+    return ["split_point"] + [f"split_point_{i}" for i in range(2, k + 1)]
 
 
 #: Where the split may fall: anywhere (``element``, the paper) or on a layer boundary.
@@ -228,7 +239,7 @@ def split_slerp(
     a: torch.Tensor,
     b: torch.Tensor,
     mix_ratio: float,
-    split: int,
+    split: int | Sequence[int],
     *,
     cos: float | None = None,
     dot_threshold: float | None = None,
@@ -242,7 +253,9 @@ def split_slerp(
             ``t = 1 - w`` from ``split`` on.
         split: split index into the flattened tensor; values outside ``[0, numel]`` are
             clamped, which is how a tensor that lies wholly before or after a model-wide split
-            point is handled (pass ``global_split - tensor_offset``).
+            point is handled (pass ``global_split - tensor_offset``). Several split indices
+            (``search.split_points``) cut it into segments whose ratio alternates: ``w``
+            before the first, ``1 - w`` up to the second, ``w`` again, and so on.
         cos: the cosine of the angle to use. None: the angle between ``a`` and ``b``
             themselves. Pass :func:`global_cosine` of a whole model to get the official code's
             single angle over all parameters.
@@ -274,13 +287,17 @@ def split_slerp(
             out.copy_(a)
         return out
     n = a.numel()
-    s = min(max(int(split), 0), n)
+    cuts = sorted(
+        min(max(int(s), 0), n) for s in (split if isinstance(split, Sequence) else [split])
+    )
+    edges = [0, *cuts, n]
     work = compute_dtype(a.dtype)
     direct = out is not None and out.dtype == a.dtype == work and out.is_contiguous()
     result = out.view(-1) if direct else torch.empty(n, dtype=work, device=a.device)
     x = a.reshape(-1)
     y = b.reshape(-1)
-    for lo, hi, t in ((0, s, mix_ratio), (s, n, 1.0 - mix_ratio)):
+    for i, (lo, hi) in enumerate(itertools.pairwise(edges)):
+        t = mix_ratio if i % 2 == 0 else 1.0 - mix_ratio
         if hi <= lo:
             continue
         coef_a, coef_b = slerp_coefficients(t, cos, dot_threshold)

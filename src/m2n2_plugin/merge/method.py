@@ -41,12 +41,15 @@ from pydantic import PlainValidator
 from m2n2_plugin.errors import M2N2ConfigError
 from m2n2_plugin.merge.inputs import InMemoryParent
 from m2n2_plugin.merge.inputs import PairLayouts
+from m2n2_plugin.merge.kernel import MAX_SPLIT_POINTS
 from m2n2_plugin.merge.kernel import MERGEKIT_DOT_THRESHOLD
 from m2n2_plugin.merge.kernel import check_granularity
 from m2n2_plugin.merge.kernel import check_unit_interval
+from m2n2_plugin.merge.kernel import split_point_names
 from m2n2_plugin.merge.kernel import split_slerp
 from m2n2_plugin.merge.layout import Architecture
 from m2n2_plugin.merge.layout import plan_pair
+from m2n2_plugin.merge.layout import split_indices
 from m2n2_plugin.merge.layout import state_dict_parent
 
 if TYPE_CHECKING:
@@ -93,8 +96,21 @@ def _granularity(value: Any) -> str:
         return check_granularity(value)
 
 
+def _more_split(name: str) -> Callable[[Any], float | None]:
+    def validate(value: Any) -> float | None:
+        if value is None:
+            return None
+        with _for_mergekit():
+            return check_unit_interval(name, value)
+
+    return validate
+
+
 MixRatio = Annotated[float | None, PlainValidator(_unit_interval("mix_ratio"))]
 SplitPoint = Annotated[float | None, PlainValidator(_unit_interval("split_point"))]
+SplitPoint2 = Annotated[float | None, PlainValidator(_more_split("split_point_2"))]
+SplitPoint3 = Annotated[float | None, PlainValidator(_more_split("split_point_3"))]
+SplitPoint4 = Annotated[float | None, PlainValidator(_more_split("split_point_4"))]
 Granularity = Annotated[str, PlainValidator(_granularity)]
 
 
@@ -166,8 +182,15 @@ def m2n2_merge_method(
     mix_ratio: MixRatio = None,
     split_point: SplitPoint = None,
     granularity: Granularity = "element",
+    split_point_2: SplitPoint2 = None,
+    split_point_3: SplitPoint3 = None,
+    split_point_4: SplitPoint4 = None,
 ) -> torch.Tensor:
-    """Merge one tensor: find its span in parent A's layout, cut it at the global split."""
+    """Merge one tensor: find its span in parent A's layout, cut it at the global split(s).
+
+    ``split_point_2`` .. ``_4`` (optional, ``search.split_points``) add split points; the
+    ratio alternates between ``mix_ratio`` and ``1 - mix_ratio`` from one to the next.
+    """
     with _for_mergekit():
         base, name = group.base, group.metadata.name
         if base is None or len(group.non_base) != 1 or name is None:
@@ -176,8 +199,9 @@ def m2n2_merge_method(
             raise M2N2ConfigError("mix_ratio and split_point are required")
         other = group.non_base[0]
         layout = m2n2_merge_method.layouts.layout(base.id, other.id)
-        split = layout.split_index(split_point, granularity)
-        local = layout.local_split(name, split, base.tensor.numel())
+        points = [split_point, split_point_2, split_point_3, split_point_4]
+        splits = split_indices(layout, [p for p in points if p is not None], granularity)
+        local = [layout.local_split(name, split, base.tensor.numel()) for split in splits]
         return split_slerp(
             base.tensor, other.tensor, mix_ratio, local, dot_threshold=MERGEKIT_DOT_THRESHOLD
         )
@@ -188,7 +212,7 @@ def m2n2_merge_state_dicts(
     parent_b: Mapping[str, torch.Tensor],
     *,
     mix_ratio: float,
-    split_point: float,
+    split_point: float | Sequence[float],
     config: PretrainedConfig,
     granularity: str = "element",
 ) -> dict[str, torch.Tensor]:
@@ -213,7 +237,11 @@ def m2n2_merge_state_dicts(
         id_a: {name: parent_a[key] for name, key in plan.sources_a.items()},
         id_b: {name: parent_b[key] for name, key in plan.sources_b.items()},
     }
-    parameters = {"mix_ratio": mix_ratio, "split_point": split_point, "granularity": granularity}
+    points = split_point if isinstance(split_point, Sequence) else [split_point]
+    if not 1 <= len(points) <= MAX_SPLIT_POINTS:
+        raise M2N2ConfigError(f"1 to {MAX_SPLIT_POINTS} split points, got {len(points)}")
+    parameters: dict[str, Any] = {"mix_ratio": mix_ratio, "granularity": granularity}
+    parameters.update(zip(split_point_names(len(points)), points, strict=True))
     with torch.no_grad():
         merged = merge_state_dicts(inputs, m2n2_merge_method, parameters=parameters, base=id_a)
     for name, target in plan.tied.items():

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
@@ -67,6 +68,7 @@ from m2n2_plugin.merge.layout import ModelLayout
 from m2n2_plugin.merge.layout import PairPlan
 from m2n2_plugin.merge.layout import Parent
 from m2n2_plugin.merge.layout import plan_pair
+from m2n2_plugin.merge.layout import split_indices
 from m2n2_plugin.merge.models import save_tensors_atomic
 from m2n2_plugin.merge.resident_model import check_model_tensors
 from m2n2_plugin.merge.resident_model import on_cuda
@@ -118,7 +120,7 @@ class ResidentChild:
     parent_a: Path
     parent_b: Path
     mix_ratio: float
-    split_point: float
+    split_point: float | tuple[float, ...]
     granularity: str
     dtype: torch.dtype | None
     out_dtype: torch.dtype | None
@@ -142,7 +144,7 @@ def _merge_tensor(
     name: str,
     *,
     mix_ratio: float,
-    split: int,
+    splits: Sequence[int],
     dtype: torch.dtype | None,
     out_dtype: torch.dtype | None,
     dest: torch.Tensor | None,
@@ -156,7 +158,7 @@ def _merge_tensor(
     entry_b = b.entries[plan.sources_b[name]]
     work = dtype or torch.promote_types(entry_a.dtype, entry_b.dtype)
     written = out_dtype or work
-    local = layout.local_split(name, split, entry_a.numel)
+    local = [layout.local_split(name, split, entry_a.numel) for split in splits]
     source_a, source_b = plan.sources_a[name], plan.sources_b[name]
     device = None if dest is None or dest.device.type == "cpu" else dest.device
     lean = dest is not None and dest.dtype == work == written and dest.is_contiguous()
@@ -204,7 +206,7 @@ def merge_into_model(
     parent_b: str | os.PathLike[str],
     *,
     mix_ratio: float,
-    split_point: float,
+    split_point: float | Sequence[float],
     granularity: str = "element",
     layout: ModelLayout | None = None,
     dtype: torch.dtype | None = None,
@@ -220,7 +222,8 @@ def merge_into_model(
             architecture); every parameter is overwritten.
         parent_a, parent_b: a model folder (single or sharded safetensors) or one
             ``.safetensors`` file each; parent A is mergekit's ``base_model``.
-        mix_ratio, split_point, granularity: the ``m2n2`` parameters.
+        mix_ratio, split_point, granularity: the ``m2n2`` parameters; several split points
+            (``search.split_points``) alternate the ratio between them.
         layout: parent A's layout if the caller has it (e.g. from
             :func:`~m2n2_plugin.merge_inputs.layout_for_model`); by default it is planned from the
             headers. It must list the same tensors.
@@ -254,7 +257,7 @@ def merge_into_model(
         used = plan.layout if layout is None else layout
         if used.names != plan.layout.names or dict(used.shapes) != dict(plan.layout.shapes):
             raise M2N2ConfigError(f"the layout given does not describe parent A ({a.path})")
-        split = used.split_index(split_point, granularity)
+        splits = split_indices(used, split_point, granularity)
         tied = {n: t for n, t in plan.tied.items() if n in params}
         check_model_tensors(
             params,
@@ -276,7 +279,7 @@ def merge_into_model(
                     used,
                     name,
                     mix_ratio=mix_ratio,
-                    split=split,
+                    splits=splits,
                     dtype=dtype,
                     out_dtype=out_dtype,
                     dest=dest,
@@ -292,7 +295,7 @@ def merge_into_model(
         parent_a=Path(parent_a),
         parent_b=Path(parent_b),
         mix_ratio=mix_ratio,
-        split_point=split_point,
+        split_point=split_point if isinstance(split_point, float) else tuple(split_point),
         granularity=granularity,
         dtype=dtype,
         out_dtype=out_dtype,
@@ -307,7 +310,7 @@ def merge_checkpoints(
     *,
     config: PretrainedConfig,
     mix_ratio: float,
-    split_point: float,
+    split_point: float | Sequence[float],
     granularity: str = "element",
     dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
@@ -323,7 +326,7 @@ def merge_checkpoints(
     arch = arch or Architecture.for_config(config)
     with Checkpoint(parent_a, io) as a, Checkpoint(parent_b, io) as b:
         plan = _plan(arch, a, b)
-        split = plan.layout.split_index(split_point, granularity)
+        splits = split_indices(plan.layout, split_point, granularity)
         child: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name in plan.layout.names:
@@ -334,7 +337,7 @@ def merge_checkpoints(
                     plan.layout,
                     name,
                     mix_ratio=mix_ratio,
-                    split=split,
+                    splits=splits,
                     dtype=dtype,
                     out_dtype=out_dtype,
                     dest=None,

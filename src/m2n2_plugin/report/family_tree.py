@@ -14,9 +14,13 @@ The tree is a DAG: a member that is a parent of several ancestors appears once.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from m2n2_plugin.merge.kernel import MAX_SPLIT_POINTS
+from m2n2_plugin.merge.kernel import split_point_names
 
 #: Upper bound on the picture's side in inches (a run with thousands of merges in the best
 #: model's ancestry still gives a file an image viewer opens).
@@ -33,7 +37,7 @@ class Node:
     seed_name: str | None = None
     parents: tuple[int, int] | None = None
     mix_ratio: float | None = None
-    split_point: float | None = None
+    split_point: tuple[float, ...] = ()
 
     @property
     def label(self) -> str:
@@ -46,7 +50,12 @@ class Node:
     @property
     def merge_label(self) -> str:
         """The merge that made this child: mix ratio and split point."""
-        return f"w={self.mix_ratio:.2f} s={self.split_point:.2f}"
+        return f"w={self.mix_ratio:.2f} s={split_text(self.split_point, 2)}"
+
+
+def split_text(points: Sequence[float], digits: int) -> str:
+    """Split points as the outputs print them: ``0.25``, or ``0.25/0.71`` for several."""
+    return "/".join(f"{p:.{digits}f}" for p in points)
 
 
 #: The split point a child was merged with, where it is not the drawn ``split_point`` param
@@ -54,10 +63,19 @@ class Node:
 SPLIT_POINT_ATTR = "m2n2.split_point"
 
 
-def crossover(trial: Any) -> tuple[float, float]:
-    """``(mix_ratio, split_point)`` a child was merged with: what its recipe must say."""
-    split_point = trial.user_attrs.get(SPLIT_POINT_ATTR, trial.params["split_point"])
-    return float(trial.params["mix_ratio"]), float(split_point)
+def crossover(trial: Any) -> tuple[float, list[float]]:
+    """``(mix_ratio, split points)`` a child was merged with: what its recipe must say.
+
+    One split point (the paper), or several (``search.split_points``: ``split_point``,
+    ``split_point_2``, ...), as merged (``m2n2.split_point`` where ``search.split_over``
+    mapped the draws)."""
+    merged = trial.user_attrs.get(SPLIT_POINT_ATTR)
+    if merged is None:
+        drawn = [trial.params[n] for n in split_point_names(MAX_SPLIT_POINTS) if n in trial.params]
+        merged = drawn
+    elif not isinstance(merged, list):  # one split point
+        merged = [merged]
+    return float(trial.params["mix_ratio"]), [float(p) for p in merged]
 
 
 def ancestors_first(trials: Mapping[int, Any], number: int) -> list[int]:
@@ -111,7 +129,7 @@ def ancestry(trials: Mapping[int, Any], number: int) -> dict[int, Node]:
             1 + max(nodes[a].generation, nodes[b].generation),
             parents=(a, b),
             mix_ratio=mix_ratio,
-            split_point=split_point,
+            split_point=tuple(split_point),
         )
     return nodes
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from m2n2_plugin.merge.kernel import split_point_names
 from m2n2_plugin.merge.models import CARRIED_KEYS
 from m2n2_plugin.merge.models import CONFIG_MERGE
 from m2n2_plugin.merge.models import Seed
@@ -81,7 +82,8 @@ def lineage_docs(
             continue
         a, b = (int(p) for p in attrs["m2n2.parents"])
         mix_ratio, split_point = family_tree.crossover(trial)
-        params: dict[str, Any] = {"mix_ratio": mix_ratio, "split_point": split_point}
+        params: dict[str, Any] = {"mix_ratio": mix_ratio}
+        params.update(zip(split_point_names(len(split_point)), split_point, strict=True))
         if settings.granularity != "element":
             params["granularity"] = settings.granularity
         doc: dict[str, Any] = {
@@ -196,7 +198,7 @@ def model_card(
     if merges:
         lines = "\n".join(
             f"| {n.number} | {n.parents[0]} | {n.parents[1]} | {n.mix_ratio:.4f} | "
-            f"{n.split_point:.4f} | {_score(n.value)} |"
+            f"{family_tree.split_text(n.split_point, 4)} | {_score(n.value)} |"
             for n in merges
             if n.parents is not None
         )

@@ -38,6 +38,7 @@ from pydantic import ValidationInfo
 from pydantic import field_validator
 
 from m2n2_plugin.errors import M2N2Error
+from m2n2_plugin.merge.kernel import MAX_SPLIT_POINTS
 
 DocSpec = int | list[int] | dict[str, list[int]]
 
@@ -144,6 +145,9 @@ class SearchConfig(BaseModel):
     # tensors in which the seeds differ (differing: a split inside a tensor every seed shares,
     # e.g. a frozen embedding, changes nothing there). merge.layout.SplitSpace.
     split_over: Literal["all", "differing"] = "all"
+    # Split points per child: 1 is the paper; k > 1 alternates the ratio between them, so one
+    # crossover changes up to k + 1 regions of the model.
+    split_points: int = Field(default=1, ge=1, le=MAX_SPLIT_POINTS)
     # Stop scoring a child once it provably cannot enter the archive (exact: the archive is
     # the same as without it). Documents are scored in chunks of this many, hardest first.
     early_rejection: bool = True
@@ -160,6 +164,13 @@ class SearchConfig(BaseModel):
     # MLflow's tracking URI; unset: $MLFLOW_TRACKING_URI, else MLflow's own default. A plain
     # path is relative to the config file's folder.
     tracking_uri: str | None = Field(default=None, min_length=1)
+
+    @field_validator("split_points")
+    @classmethod
+    def _splits_need_split_point(cls, v: int, info: ValidationInfo) -> int:
+        if v > 1 and info.data.get("use_split_point") is False:
+            raise ValueError("more than one split point needs use_split_point: true")
+        return v
 
     @field_validator("tracking_uri")
     @classmethod

@@ -28,11 +28,12 @@ import torch
 from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.merge.checkpoint import checkpoint_shapes
 from m2n2_plugin.merge.layout import Architecture
-from m2n2_plugin.merge.layout import SplitSpace
 from m2n2_plugin.merge.models import Seed
 from m2n2_plugin.merge.resident import MergeScratch
 from m2n2_plugin.merge.resident_model import load_checkpoint_into_model
+from m2n2_plugin.merge.split_space import SplitSpace
 from m2n2_plugin.report.family_tree import crossover
+from m2n2_plugin.report.family_tree import split_text
 from m2n2_plugin.report.outputs import Settings
 from m2n2_plugin.report.outputs import write_outputs
 from m2n2_plugin.report.ranking import archive_figures
@@ -247,7 +248,10 @@ class RunState:
         elif "m2n2.parents" in attrs:
             a, b = attrs["m2n2.parents"]
             mix_ratio, split_point = crossover(frozen)
-            what = f"child of {a} x {b} (mix_ratio={mix_ratio:.3f}, split_point={split_point:.3f})"
+            what = (
+                f"child of {a} x {b} (mix_ratio={mix_ratio:.3f}, "
+                f"split_point={split_text(split_point, 3)})"
+            )
         else:
             what = "trial"
         if frozen.state == optuna.trial.TrialState.PRUNED:
@@ -284,7 +288,7 @@ class RunState:
 
 
 #: Search options that came after the fingerprint, with their defaults (see fingerprint()).
-LATER_DEFAULTS: dict[str, Any] = {"split_over": "all"}
+LATER_DEFAULTS: dict[str, Any] = {"split_over": "all", "split_points": 1}
 
 
 def fingerprint(cfg: EvolveConfig, seeds: list[Seed], fitness: DocSet) -> dict[str, Any]:

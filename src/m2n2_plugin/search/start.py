@@ -17,7 +17,6 @@ from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.merge.checkpoint import checkpoint_shapes
 from m2n2_plugin.merge.layout import Architecture
 from m2n2_plugin.merge.layout import Parent
-from m2n2_plugin.merge.layout import SplitSpace
 from m2n2_plugin.merge.layout import plan_pair
 from m2n2_plugin.merge.models import Seed
 from m2n2_plugin.merge.models import check_compatible
@@ -26,6 +25,7 @@ from m2n2_plugin.merge.models import config_merge_seed
 from m2n2_plugin.merge.models import seeds_from_mergekit
 from m2n2_plugin.merge.models import shared_tensors
 from m2n2_plugin.merge.models import write_config_merge
+from m2n2_plugin.merge.split_space import SplitSpace
 from m2n2_plugin.search.config import EvolveConfig
 from m2n2_plugin.search.config import load_yaml
 from m2n2_plugin.search.devices import resolve_device
@@ -136,6 +136,7 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         n_seeds=len(seeds),
         seed=cfg.search.seed,
         capacity=weights.capacity,
+        split_points=cfg.search.split_points,
     )
     study = open_study(cfg, out, sampler)
     fp = fingerprint(cfg, seeds, fitness_docs)

@@ -23,6 +23,7 @@ import numpy as np
 import optuna
 
 from m2n2_plugin.errors import M2N2Error
+from m2n2_plugin.merge.kernel import split_point_names
 from m2n2_plugin.report.family_tree import SPLIT_POINT_ATTR
 from m2n2_plugin.search.run_state import RunState
 from m2n2_plugin.search.run_state import TrialTiming
@@ -69,11 +70,12 @@ class Run(RunState):
         parents = None if seed_index is not None else self.sampler.parents(trial)
         if parents is not None:
             mix_ratio = trial.suggest_float("mix_ratio", 0.0, 1.0)
-            split_point = trial.suggest_float("split_point", 0.0, 1.0)
+            names = split_point_names(self.cfg.search.split_points)
+            split_point = [trial.suggest_float(name, 0.0, 1.0) for name in names]
             if self.split_space is not None:
                 # The draw is a place among the tensors that differ; the merge (and the
                 # child's recipe) takes the model-wide split point.
-                split_point = self.split_space.split_point(split_point)
+                split_point = [self.split_space.split_point(p) for p in split_point]
                 trial.set_user_attr(SPLIT_POINT_ATTR, split_point)
         timing.sampler += time.perf_counter() - t0
 

@@ -116,6 +116,34 @@ def test_split_point_ablation_and_determinism() -> None:
     assert [p["mix_ratio"] for p in plans(no_split)] == [p["mix_ratio"] for p in plans(first)][:8]
 
 
+def test_several_split_points_are_drawn_after_the_first() -> None:
+    def objective(sampler: Any) -> Callable[[optuna.Trial], float]:
+        def suggest(trial: optuna.Trial) -> float:
+            for name in m2n2.split_point_names(3):
+                trial.suggest_float(name, 0.0, 1.0)
+            return toy_objective(sampler)(trial)
+
+        return suggest
+
+    sampler = m2n2.M2N2Sampler(seed=5, split_points=3)
+    three = optuna.create_study(sampler=sampler)
+    three.optimize(objective(sampler), n_trials=20)
+    one = run(m2n2.M2N2Sampler(seed=5), 20)
+    names = ["split_point", "split_point_2", "split_point_3"]
+    assert all(set(names) <= set(t.params) for t in three.trials)
+    assert len({t.params["split_point_3"] for t in three.trials}) == 20  # fresh draws
+    # The extra draws come last: the first split point and the rest of the plan are as with
+    # one split point (the scores differ, so compare the first trials' draws only).
+    for a, b in zip(three.trials[:3], one.trials[:3], strict=True):
+        assert a.params["split_point"] == b.params["split_point"]
+        assert a.params["mix_ratio"] == b.params["mix_ratio"]
+    for bad in (0, 5, 1.5):
+        with pytest.raises(ValueError, match="split_points must be an integer from 1 to 4"):
+            m2n2.M2N2Sampler(split_points=bad)
+    with pytest.raises(ValueError, match="needs use_split_point=True"):
+        m2n2.M2N2Sampler(split_points=2, use_split_point=False)
+
+
 def test_failed_and_pruned_trials_change_nothing() -> None:
     sampler = m2n2.M2N2Sampler(archive_size=3, seed=2)
     study = run(sampler, 14, fail_every=4, prune_every=8)
