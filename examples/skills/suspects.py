@@ -5,8 +5,8 @@ issue 27, measured on the run's own records rather than guessed.
 
 For each run folder (an ``output_dir`` of ``m2n2 evolve``: ``study.db``, ``history.jsonl``):
 
-* **wasted splits**: the share of children whose split point falls where it changes nothing,
-  before the first or after the last parameter in which the seeds differ (a frozen
+* **wasted splits**: the share of children whose split points all fall where they change
+  nothing, before the first or after the last parameter in which the seeds differ (a frozen
   embedding comes first in the order): such a child has one ratio for every parameter that
   differs, the paper's "no split point" ablation. Their admission rate against the others.
 * **parents**: the share of children with a seed (a specialist or the config merge) as a
@@ -67,13 +67,13 @@ def measure(folder: Path) -> dict[str, Any]:
     for t in study.trials:
         if "m2n2.parents" not in t.user_attrs or t.number not in members_after:
             continue
-        _, split_point = crossover(t)
-        index = math.floor(split_point * total)
+        _, split_points = crossover(t)
+        inside = [first < math.floor(p * total) < last for p in split_points]
         a, b = t.user_attrs["m2n2.parents"]
         rows.append(
             {
                 "trial": t.number,
-                "wasted": index <= first or index >= last,
+                "wasted": not any(inside),
                 "admitted": t.number in members_after[t.number],
                 "seed_parent": a in seed_trials or b in seed_trials,
             }
