@@ -34,16 +34,24 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_workspace(tmp_path_factory.mktemp("tools"))
 
 
-def synthetic_trials(n_trials: int, archive_size: int, seed: int) -> dict[int, Any]:
+def synthetic_trials(
+    n_trials: int,
+    archive_size: int,
+    seed: int,
+    newest: bool = False,
+    seed_names: tuple[str, str] = ("seed-0", "seed-1"),
+) -> dict[int, Any]:
     """Real Optuna trials shaped like an M2N2 run's: two seeds, then children of archive
-    members (a toy steady-state archive that keeps the highest means)."""
+    members (a toy steady-state archive that keeps the highest means; ``newest``: that keeps
+    the newest members instead, so every child enters and the lineage deepens with every
+    trial, as a long run's does)."""
     rng = random.Random(seed)
     dist = {"mix_ratio": FloatDistribution(0, 1), "split_point": FloatDistribution(0, 1)}
     trials: dict[int, Any] = {}
     archive: list[int] = []
     for i in range(2):
         trials[i] = optuna.trial.create_trial(
-            value=0.3 + 0.1 * i, user_attrs={"m2n2.seed": i, "m2n2.model": f"seed-{i}"}
+            value=0.3 + 0.1 * i, user_attrs={"m2n2.seed": i, "m2n2.model": seed_names[i]}
         )
         archive.append(i)
     for n in range(2, n_trials):
@@ -55,7 +63,9 @@ def synthetic_trials(n_trials: int, archive_size: int, seed: int) -> dict[int, A
             distributions=dist,
             user_attrs={"m2n2.parents": [a, b]},
         )
-        if len(archive) < archive_size:
+        if newest:
+            archive = [*archive, n][-archive_size:]
+        elif len(archive) < archive_size:
             archive.append(n)
         else:
             worst = min(range(len(archive)), key=lambda k: trials[archive[k]].value)
@@ -87,6 +97,60 @@ def test_family_tree_of_about_fifty_trials(tmp_path: Path) -> None:
     assert 500 <= width <= 2000 and height > width
     fig = family_tree.plotly_figure(nodes, best, "synthetic")
     assert len(fig.data[2].x) == len(nodes)
+
+
+def overlapping_labels(fig: Any) -> list[tuple[str, str]]:
+    """Pairs of texts in ``fig`` whose drawn boxes overlap, as the renderer places them.
+
+    A text's box is its rounded background patch where it has one (node and merge labels),
+    else its glyphs (the generation ticks).
+    """
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    [ax] = fig.axes
+    boxes = []
+    for text in [*ax.texts, *ax.get_yticklabels()]:
+        patch = text.get_bbox_patch()
+        box = (patch or text).get_window_extent(renderer)
+        boxes.append((box, text.get_text().replace("\n", " ")))
+    boxes.sort(key=lambda b: b[0].y0)
+    pairs = []
+    for i, (box, label) in enumerate(boxes):
+        for other, other_label in boxes[i + 1 :]:
+            if other.y0 >= box.y1:
+                break  # sorted by bottom edge: nothing further up reaches this box
+            if other.x0 < box.x1 and box.x0 < other.x1:
+                pairs.append((label, other_label))
+    return pairs
+
+
+@pytest.mark.parametrize("n_trials", [40, 200])
+def test_lineage_labels_never_overlap_however_deep(n_trials: int) -> None:
+    """Every node and merge label of a deep family tree lies clear of every other.
+
+    200 trials whose every child enters the archive give a lineage of ~130 generations, past
+    the picture's height cap: squeezing the layers there put each merge label over the node
+    above it. Long seed paths (as a mergekit config names local models) test the columns.
+    """
+    import matplotlib.pyplot as plt
+
+    names = ("models/seed3/shift-specialist", "models/seed3/reverse-specialist")
+    trials = synthetic_trials(n_trials, archive_size=4, seed=1, newest=True, seed_names=names)
+    best = max(trials)
+    nodes = family_tree.ancestry(trials, best)
+    depth = max(node.generation for node in nodes.values())
+    assert depth >= (100 if n_trials == 200 else 20), depth
+    fig, dpi = family_tree.draw(nodes, best, f"deep synthetic tree of trial {best}")
+    try:
+        width, height = fig.get_size_inches()
+        assert max(width, height) <= family_tree.MAX_INCHES
+        # The resolution makes up for any shrinking: as many pixels per layer as at full size.
+        assert dpi * height / (depth + 1) >= 0.95 * family_tree.DPI * family_tree.LAYER_INCHES
+        labels = [t for t in fig.axes[0].texts if t.get_text().startswith("w=")]
+        assert len(labels) == len(nodes) - 2  # one merge label per child
+        assert overlapping_labels(fig) == []
+    finally:
+        plt.close(fig)
 
 
 def test_tracking_config_keys_are_checked() -> None:
