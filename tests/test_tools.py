@@ -287,8 +287,15 @@ def test_evolve_tells_dashboard_mlflow_and_the_hub(
     merges = [n for n in family_tree.ancestry(dict(enumerate(study.trials)), best).values()]
     merges = [n for n in merges if n.parents is not None]
     assert len(merges) == summary["n_merges_in_lineage"]
+    trials = {t.number: t for t in study.trials}
+
+    def parent(number: int) -> str:  # a seed by its name in seeds.yml, a child by number
+        name = trials[number].user_attrs.get("m2n2.model")
+        return str(number) if name is None else f"`{name}` (seed, trial {number})"
+
     for node in merges:  # the lineage in prose: one table row per merge
-        assert f"| {node.number} | {node.parents[0]} | {node.parents[1]} | " in card.text
+        a, b = node.parents
+        assert f"| {node.number} | {parent(a)} | {parent(b)} | " in card.text
 
     # The lineage picture, in plots/ and beside the card.
     for path in (run.out / "plots" / "lineage.png", run.out / "best" / "lineage.png"):
