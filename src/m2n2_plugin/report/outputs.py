@@ -5,8 +5,9 @@
 * ``lineage.yml``: a ``mergekit-multi`` file of ``merge_method: m2n2`` merges that rebuilds
   the best model from the seed models (``mergekit-multi lineage.yml --intermediate-dir work
   --out-path rebuilt``);
-* ``<out>/plots/fitness.png``, ``<out>/plots/coverage.png`` and ``<out>/plots/lineage.png``
-  (the best model's family tree, :mod:`m2n2_plugin.report.family_tree`); ``<out>/summary.json``.
+* ``<out>/plots/fitness.png``, ``<out>/plots/coverage.png`` (:mod:`m2n2_plugin.report.plots`)
+  and ``<out>/plots/lineage.png`` (the best model's family tree,
+  :mod:`m2n2_plugin.report.family_tree`); ``<out>/summary.json``.
 
 It takes plain data -- the archive, the trials, the seeds, the output folder and a
 :class:`Settings` -- plus two callables for what needs the resident model (evaluating held-out
@@ -27,7 +28,6 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from m2n2_plugin.errors import M2N2Error
@@ -35,6 +35,7 @@ from m2n2_plugin.merge.models import CARRIED_KEYS
 from m2n2_plugin.merge.models import CONFIG_MERGE
 from m2n2_plugin.merge.models import Seed
 from m2n2_plugin.report import family_tree
+from m2n2_plugin.report import plots
 from m2n2_plugin.report.ranking import best_member
 from m2n2_plugin.report.ranking import fitness_means
 
@@ -302,50 +303,6 @@ def read_history(out: Path) -> list[dict[str, Any]]:
     return [last[k] for k in sorted(last)]
 
 
-def _plots(out: Path, arch: Any) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_history(out)
-    plots = out / "plots"
-    plots.mkdir(exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if rows:
-        x = [r["trial"] for r in rows]
-        ax.scatter(
-            x,
-            [np.nan if r["value"] is None else r["value"] for r in rows],
-            s=6,
-            alpha=0.4,
-            label="child mean score",
-        )
-        ax.plot(x, [r["archive_best"] for r in rows], label="archive best")
-        ax.plot(x, [r["archive_mean"] for r in rows], label="archive mean")
-        ax.plot(x, [r["coverage"] for r in rows], "--", label="coverage")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("fitness (mean per-document score)")
-    ax.set_title("M2N2 fitness over trials")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(plots / "fitness.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 0.35 * max(len(arch.members), 2) + 1.5))
-    if len(arch.members):
-        ax.imshow(
-            arch.scores, aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest"
-        )
-        ax.set_yticks(range(len(arch.members)), [f"trial {m}" for m in arch.members])
-        cov = float(arch.scores.max(axis=0).mean())
-        ax.set_title(f"archive per-document scores (coverage {cov:.3f})")
-    ax.set_xlabel("fitness document")
-    fig.tight_layout()
-    fig.savefig(plots / "coverage.png", dpi=120)
-    plt.close(fig)
-
-
 def write_outputs(
     out: Path,
     archive: Any,
@@ -366,7 +323,9 @@ def write_outputs(
     summary: dict[str, Any] = {"output_dir": str(out), "archive": archive.members}
     if settings.warnings:
         summary["warnings"] = list(settings.warnings)
-    _plots(out, archive)
+    plots.save_plots(
+        out, read_history(out), trials, archive, settings.fitness_counts, settings.metric
+    )
     if not archive.members:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
