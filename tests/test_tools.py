@@ -229,8 +229,13 @@ def test_evolve_tells_dashboard_mlflow_and_the_hub(
     graphs = get_plotly_graph_objects(system_attrs)
     assert set(graphs) == {"m2n2-fitness", "m2n2-coverage", "m2n2-lineage"}
     fitness = json.loads(graphs["m2n2-fitness"])
-    assert [t["name"] for t in fitness["data"]][1:] == ["archive best", "archive mean", "coverage"]
-    assert len(fitness["data"][0]["x"]) == 12
+    names = [t["name"] for t in fitness["data"]]
+    assert names[1:4] == ["archive best", "archive mean", "coverage"]
+    # A child rejected early has no score (as in trials.log): its own trace, not a point.
+    pruned = [t.number for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert names[4] == f"rejected early ({len(pruned)}): no score"
+    assert fitness["data"][4]["x"] == pruned
+    assert sorted(fitness["data"][0]["x"] + pruned) == list(range(12))
     lineage = json.loads(graphs["m2n2-lineage"])
     assert f"#{best}" in lineage["data"][2]["text"]
     assert f"Best archive member: trial {best}**" in get_note(study)
