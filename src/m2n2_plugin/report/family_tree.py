@@ -233,7 +233,8 @@ def draw(nodes: Mapping[int, Node], best: int, title: str) -> tuple[Any, float]:
             va="bottom",
             fontsize=MERGE_FONT * scale,
             color="#1f3b73",
-            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
+            # Opaque: an edge passing behind a label never runs through its text.
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none"},
             zorder=3,
         )
     for n, node in nodes.items():
