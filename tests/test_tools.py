@@ -153,6 +153,21 @@ def test_lineage_labels_never_overlap_however_deep(n_trials: int) -> None:
         plt.close(fig)
 
 
+def test_card_settings_refuse_counts_per_task_that_miss_the_total() -> None:
+    """A card whose per-task counts disagree with its totals would contradict itself."""
+    from m2n2_plugin.report.outputs import Settings
+    from m2n2_plugin.report.outputs import doc_counts
+
+    counts = {"shift": 60, "reverse": 60}
+    ok = Settings("s", 8, list(counts), "acc", "element", 120, fitness_counts=counts)
+    assert doc_counts(ok.fitness_counts, ok.n_fitness_docs) == "shift: 60, reverse: 60; 120 in all"
+    assert doc_counts({}, 200) == "200 in all"
+    with pytest.raises(M2N2Error, match=r"held-out documents per task .* add up to 100, not 200"):
+        Settings(
+            "s", 8, ["shift"], "acc", "element", 60, ["shift"], 200, heldout_counts={"shift": 100}
+        )
+
+
 def test_tracking_config_keys_are_checked() -> None:
     base = {
         "mergekit_config": "seeds.yml",
