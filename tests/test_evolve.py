@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from evolve_workspace import MC_TASK
 from evolve_workspace import build_workspace
 from evolve_workspace import rebuild_lineage
 from evolve_workspace import worker_env
@@ -221,3 +222,117 @@ def test_early_rejection_keeps_the_archive_identical(workspace: Path) -> None:
     assert [a[0] for a in full] == list(range(16))
     assert early == full
     assert docs_early < docs_full
+
+
+def test_pictures_and_card_of_a_two_task_run_with_early_rejection(workspace: Path) -> None:
+    """fitness.png draws no score for a child rejected early, coverage.png has a colour key
+    and the task boundary, and the card counts each task's documents and names the seeds.
+
+    Two tasks of 20 and 8 fitness documents (5 and 3 held out): the counts per task differ,
+    so a card that printed the totals for each task, or a boundary in the wrong place, shows.
+    """
+    from huggingface_hub import ModelCard
+    from matplotlib import pyplot as plt
+    from optuna.trial import TrialState
+
+    from m2n2_plugin.report import plots
+    from m2n2_plugin.report.outputs import read_history
+    from m2n2_plugin.search.evolve import evolve
+
+    data = workspace / "tasks" / "mc.jsonl"
+    (workspace / "tasks" / "mc2.yaml").write_text(
+        MC_TASK.format(name="tiny_mc2", data=data, extra="")
+    )
+    fitness = {"tiny_mc": list(range(20)), "tiny_mc2": list(range(8))}
+    heldout = {"tiny_mc": list(range(30, 35)), "tiny_mc2": list(range(30, 33))}
+    cfg = write_config(
+        workspace,
+        "pictures",
+        fitness__tasks=["tiny_mc", "tiny_mc2"],
+        fitness__fitness_docs=fitness,
+        fitness__heldout_docs=heldout,
+        search={
+            "n_trials": 16,
+            "archive_size": 3,
+            "seed": 3,
+            "heartbeat_interval": None,
+            "rejection_chunk": 5,
+        },
+    )
+    run = evolve(cfg, progress=False)
+    trials = {t.number: t for t in run.study.trials}
+    rejected = sorted(n for n, t in trials.items() if t.state == TrialState.PRUNED)
+    scored = sorted(n for n, t in trials.items() if t.state == TrialState.COMPLETE)
+    assert rejected, "no child was rejected early: nothing to draw apart (change the seed)"
+    assert all(trials[n].value is not None for n in rejected)  # Optuna keeps a partial mean
+    log = (run.out / "trials.log").read_text().splitlines()
+    assert [int(line.split(":")[0].split()[1]) for line in log if "rejected early" in line] == (
+        rejected
+    )
+
+    # fitness.png: scores only for the trials trials.log gives one; the rejected ones in the
+    # strip below; the legend outside the curves.
+    fig = plots.fitness_figure(read_history(run.out), trials)
+    try:
+        ax, strip = fig.axes[:2]
+        [points] = ax.collections
+        assert sorted(int(x) for x, _ in points.get_offsets()) == scored
+        for x, y in points.get_offsets():
+            assert y == pytest.approx(trials[int(x)].value)
+        [rug] = strip.lines
+        assert list(rug.get_xdata()) == rejected
+        assert f"rejected early ({len(rejected)})" in rug.get_label()
+        fig.draw_without_rendering()
+        renderer = fig.canvas.get_renderer()
+        legend = ax.get_legend().get_window_extent(renderer)
+        assert legend.x0 >= ax.get_window_extent(renderer).x1  # beside the axes, not over
+    finally:
+        plt.close(fig)
+    assert (run.out / "plots" / "fitness.png").stat().st_size > 1000
+
+    # coverage.png: a colour key, and a line where tiny_mc's 20 documents end.
+    arch = run.sampler.archive(run.study)
+    fig = plots.coverage_figure(arch, {"tiny_mc": 20, "tiny_mc2": 8}, "acc")
+    try:
+        ax = fig.axes[0]
+        [image] = ax.images
+        assert image.colorbar is not None
+        assert image.colorbar.ax.get_ylabel() == "per-document score (acc)"
+        assert [line.get_xdata()[0] for line in ax.lines] == [19.5]
+        [top] = ax.child_axes
+        assert [t.get_text() for t in top.get_xticklabels()] == ["tiny_mc (20)", "tiny_mc2 (8)"]
+    finally:
+        plt.close(fig)
+    # Counts that do not add up to the documents draw no boundary rather than a wrong one.
+    fig = plots.coverage_figure(arch, {"tiny_mc": 20, "tiny_mc2": 7}, "acc")
+    try:
+        assert not fig.axes[0].lines and not fig.axes[0].child_axes
+    finally:
+        plt.close(fig)
+
+    # The card: each task's own document counts, and the seeds by their names in seeds.yml.
+    card = ModelCard.load(run.out / "best" / "README.md")
+    splits = {r.dataset_name: r.dataset_split for r in card.data.eval_results}
+    assert splits == {
+        "tiny_mc": "held-out documents (5, never used for selection)",
+        "tiny_mc2": "held-out documents (3, never used for selection)",
+    }
+    assert "over the fitness documents (tiny_mc: 20, tiny_mc2: 8; 28 in all)" in card.text
+    assert "never used for selection (tiny_mc: 5, tiny_mc2: 3; 8 in all)" in card.text
+    seeds = {
+        n: t.user_attrs["m2n2.model"] for n, t in trials.items() if "m2n2.seed" in t.user_attrs
+    }
+    assert sorted(seeds.values()) == ["m0", "m1", "m2"]
+    rows = [
+        line for line in card.text.splitlines() if line.startswith("| ") and "|---" not in line
+    ]
+    lineage_rows = [r.split(" | ") for r in rows if r.split(" | ")[0].strip("| ").isdigit()]
+    assert lineage_rows, "the best model is a seed: no lineage table to check (change the seed)"
+    parents = [cell for row in lineage_rows for cell in row[1:3]]
+    for cell in parents:
+        assert not (cell.isdigit() and int(cell) in seeds), f"seed named by trial number: {cell}"
+    named = [cell for cell in parents if not cell.isdigit()]
+    assert named, "no merge in the lineage has a seed parent"
+    for cell in named:
+        number = int(cell.rsplit("trial ", 1)[1].rstrip(")"))
+        assert cell == f"`{seeds[number]}` (seed, trial {number})"

@@ -34,16 +34,24 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_workspace(tmp_path_factory.mktemp("tools"))
 
 
-def synthetic_trials(n_trials: int, archive_size: int, seed: int) -> dict[int, Any]:
+def synthetic_trials(
+    n_trials: int,
+    archive_size: int,
+    seed: int,
+    newest: bool = False,
+    seed_names: tuple[str, str] = ("seed-0", "seed-1"),
+) -> dict[int, Any]:
     """Real Optuna trials shaped like an M2N2 run's: two seeds, then children of archive
-    members (a toy steady-state archive that keeps the highest means)."""
+    members (a toy steady-state archive that keeps the highest means; ``newest``: that keeps
+    the newest members instead, so every child enters and the lineage deepens with every
+    trial, as a long run's does)."""
     rng = random.Random(seed)
     dist = {"mix_ratio": FloatDistribution(0, 1), "split_point": FloatDistribution(0, 1)}
     trials: dict[int, Any] = {}
     archive: list[int] = []
     for i in range(2):
         trials[i] = optuna.trial.create_trial(
-            value=0.3 + 0.1 * i, user_attrs={"m2n2.seed": i, "m2n2.model": f"seed-{i}"}
+            value=0.3 + 0.1 * i, user_attrs={"m2n2.seed": i, "m2n2.model": seed_names[i]}
         )
         archive.append(i)
     for n in range(2, n_trials):
@@ -55,7 +63,9 @@ def synthetic_trials(n_trials: int, archive_size: int, seed: int) -> dict[int, A
             distributions=dist,
             user_attrs={"m2n2.parents": [a, b]},
         )
-        if len(archive) < archive_size:
+        if newest:
+            archive = [*archive, n][-archive_size:]
+        elif len(archive) < archive_size:
             archive.append(n)
         else:
             worst = min(range(len(archive)), key=lambda k: trials[archive[k]].value)
@@ -87,6 +97,75 @@ def test_family_tree_of_about_fifty_trials(tmp_path: Path) -> None:
     assert 500 <= width <= 2000 and height > width
     fig = family_tree.plotly_figure(nodes, best, "synthetic")
     assert len(fig.data[2].x) == len(nodes)
+
+
+def overlapping_labels(fig: Any) -> list[tuple[str, str]]:
+    """Pairs of texts in ``fig`` whose drawn boxes overlap, as the renderer places them.
+
+    A text's box is its rounded background patch where it has one (node and merge labels),
+    else its glyphs (the generation ticks).
+    """
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    [ax] = fig.axes
+    boxes = []
+    for text in [*ax.texts, *ax.get_yticklabels()]:
+        patch = text.get_bbox_patch()
+        box = (patch or text).get_window_extent(renderer)
+        boxes.append((box, text.get_text().replace("\n", " ")))
+    boxes.sort(key=lambda b: b[0].y0)
+    pairs = []
+    for i, (box, label) in enumerate(boxes):
+        for other, other_label in boxes[i + 1 :]:
+            if other.y0 >= box.y1:
+                break  # sorted by bottom edge: nothing further up reaches this box
+            if other.x0 < box.x1 and box.x0 < other.x1:
+                pairs.append((label, other_label))
+    return pairs
+
+
+@pytest.mark.parametrize("n_trials", [40, 200])
+def test_lineage_labels_never_overlap_however_deep(n_trials: int) -> None:
+    """Every node and merge label of a deep family tree lies clear of every other.
+
+    200 trials whose every child enters the archive give a lineage of ~130 generations, past
+    the picture's height cap: squeezing the layers there put each merge label over the node
+    above it. Long seed paths (as a mergekit config names local models) test the columns.
+    """
+    import matplotlib.pyplot as plt
+
+    names = ("models/seed3/shift-specialist", "models/seed3/reverse-specialist")
+    trials = synthetic_trials(n_trials, archive_size=4, seed=1, newest=True, seed_names=names)
+    best = max(trials)
+    nodes = family_tree.ancestry(trials, best)
+    depth = max(node.generation for node in nodes.values())
+    assert depth >= (100 if n_trials == 200 else 20), depth
+    fig, dpi = family_tree.draw(nodes, best, f"deep synthetic tree of trial {best}")
+    try:
+        width, height = fig.get_size_inches()
+        assert max(width, height) <= family_tree.MAX_INCHES
+        # The resolution makes up for any shrinking: as many pixels per layer as at full size.
+        assert dpi * height / (depth + 1) >= 0.95 * family_tree.DPI * family_tree.LAYER_INCHES
+        labels = [t for t in fig.axes[0].texts if t.get_text().startswith("w=")]
+        assert len(labels) == len(nodes) - 2  # one merge label per child
+        assert overlapping_labels(fig) == []
+    finally:
+        plt.close(fig)
+
+
+def test_card_settings_refuse_counts_per_task_that_miss_the_total() -> None:
+    """A card whose per-task counts disagree with its totals would contradict itself."""
+    from m2n2_plugin.report.outputs import Settings
+    from m2n2_plugin.report.outputs import doc_counts
+
+    counts = {"shift": 60, "reverse": 60}
+    ok = Settings("s", 8, list(counts), "acc", "element", 120, fitness_counts=counts)
+    assert doc_counts(ok.fitness_counts, ok.n_fitness_docs) == "shift: 60, reverse: 60; 120 in all"
+    assert doc_counts({}, 200) == "200 in all"
+    with pytest.raises(M2N2Error, match=r"held-out documents per task .* add up to 100, not 200"):
+        Settings(
+            "s", 8, ["shift"], "acc", "element", 60, ["shift"], 200, heldout_counts={"shift": 100}
+        )
 
 
 def test_tracking_config_keys_are_checked() -> None:
@@ -165,8 +244,13 @@ def test_evolve_tells_dashboard_mlflow_and_the_hub(
     graphs = get_plotly_graph_objects(system_attrs)
     assert set(graphs) == {"m2n2-fitness", "m2n2-coverage", "m2n2-lineage"}
     fitness = json.loads(graphs["m2n2-fitness"])
-    assert [t["name"] for t in fitness["data"]][1:] == ["archive best", "archive mean", "coverage"]
-    assert len(fitness["data"][0]["x"]) == 12
+    names = [t["name"] for t in fitness["data"]]
+    assert names[1:4] == ["archive best", "archive mean", "coverage"]
+    # A child rejected early has no score (as in trials.log): its own trace, not a point.
+    pruned = [t.number for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert names[4] == f"rejected early ({len(pruned)}): no score"
+    assert fitness["data"][4]["x"] == pruned
+    assert sorted(fitness["data"][0]["x"] + pruned) == list(range(12))
     lineage = json.loads(graphs["m2n2-lineage"])
     assert f"#{best}" in lineage["data"][2]["text"]
     assert f"Best archive member: trial {best}**" in get_note(study)
@@ -223,8 +307,15 @@ def test_evolve_tells_dashboard_mlflow_and_the_hub(
     merges = [n for n in family_tree.ancestry(dict(enumerate(study.trials)), best).values()]
     merges = [n for n in merges if n.parents is not None]
     assert len(merges) == summary["n_merges_in_lineage"]
+    trials = {t.number: t for t in study.trials}
+
+    def parent(number: int) -> str:  # a seed by its name in seeds.yml, a child by number
+        name = trials[number].user_attrs.get("m2n2.model")
+        return str(number) if name is None else f"`{name}` (seed, trial {number})"
+
     for node in merges:  # the lineage in prose: one table row per merge
-        assert f"| {node.number} | {node.parents[0]} | {node.parents[1]} | " in card.text
+        a, b = node.parents
+        assert f"| {node.number} | {parent(a)} | {parent(b)} | " in card.text
 
     # The lineage picture, in plots/ and beside the card.
     for path in (run.out / "plots" / "lineage.png", run.out / "best" / "lineage.png"):

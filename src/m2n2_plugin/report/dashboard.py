@@ -31,6 +31,7 @@ import optuna
 
 from m2n2_plugin.report import family_tree
 from m2n2_plugin.report.extras import importable
+from m2n2_plugin.report.plots import trial_kinds
 from m2n2_plugin.report.ranking import best_member
 from m2n2_plugin.report.ranking import fitness_means
 
@@ -129,7 +130,8 @@ def _note(record: Mapping[str, Any], heldout: Mapping[str, Mapping[str, float]])
         "weights deleted). The run's best is the archive member above (study user attr "
         "`m2n2.best`); a PRUNED trial is a child rejected early.",
         "",
-        "Plots: `m2n2-fitness` (per trial: child score, archive best, mean, coverage), "
+        "Plots: `m2n2-fitness` (per trial: child score, archive best, mean, coverage; the "
+        "children rejected early, which have no score, in a strip below), "
         "`m2n2-coverage` (archive x fitness documents), `m2n2-lineage` (the best member's "
         "family tree: w = mix ratio, s = split point).",
     ]
@@ -149,11 +151,14 @@ def figures(
     import plotly.graph_objects as go
 
     x = [r["trial"] for r in history]
+    # As plots/fitness.png: a child rejected early has no fitness score (its stored value is
+    # a partial mean), so it is drawn in a strip of its own under the curves.
+    kinds = trial_kinds(history, trials)
     fitness = go.Figure()
     fitness.add_trace(
         go.Scatter(
-            x=x,
-            y=[r["value"] for r in history],
+            x=kinds.scored,
+            y=kinds.values,
             mode="markers",
             marker={"size": 5, "opacity": 0.5},
             name="trial mean score",
@@ -169,10 +174,21 @@ def figures(
                 x=x, y=[r[key] for r in history], mode="lines", name=name, line={"dash": dash}
             )
         )
+    fitness.add_trace(
+        go.Scatter(
+            x=kinds.rejected,
+            y=[0] * len(kinds.rejected),
+            yaxis="y2",
+            mode="markers",
+            marker={"symbol": "line-ns-open", "size": 12, "color": "#7f7f7f"},
+            name=f"rejected early ({len(kinds.rejected)}): no score",
+        )
+    )
     fitness.update_layout(
         title=f"{title}: fitness over trials",
         xaxis_title="trial",
-        yaxis_title="fitness (mean per-document score)",
+        yaxis={"title": "fitness (mean per-document score)", "domain": [0.15, 1.0]},
+        yaxis2={"domain": [0.0, 0.08], "visible": False, "range": [-1, 1]},
     )
     out = {"m2n2-fitness": fitness}
     if len(archive.members):

@@ -174,16 +174,44 @@ def layout(nodes: Mapping[int, Node]) -> dict[int, tuple[float, float]]:
     return {n: (order[n], -float(nodes[n].generation)) for n in nodes}
 
 
-def _size(pos: Mapping[int, tuple[float, float]]) -> tuple[float, float]:
+#: Inches per layer and per column at full size, and the fonts (points) drawn at full size.
+LAYER_INCHES = 1.35
+COLUMN_INCHES = 1.5
+NODE_FONT = 8.0
+MERGE_FONT = 6.5
+TICK_FONT = 7.0
+#: Resolution at full size. A tree drawn smaller to fit ``MAX_INCHES`` gets more dots by the same
+#: factor, so its text keeps its pixels and reads as well when zoomed in -- up to
+#: ``MAX_PIXELS`` a side (matplotlib's Agg refuses 65,536; common image viewers open 30,000).
+DPI = 110.0
+MAX_PIXELS = 30000
+
+
+def _size(pos: Mapping[int, tuple[float, float]]) -> tuple[float, float, float]:
+    """Figure width and height (inches) and the scale of everything drawn in it.
+
+    The tree needs ``LAYER_INCHES`` per generation and ``COLUMN_INCHES`` per column at full
+    size. Capping the figure at ``MAX_INCHES`` without shrinking the text squeezed the layers
+    of a deep tree (past ~60 generations) under their labels, which then crossed the nodes
+    above. So a tree too big for the cap is drawn smaller as a whole: fonts, boxes, lines and
+    spacing by one factor, which keeps every gap in proportion -- labels never overlap at any
+    depth -- and :func:`draw` raises the resolution by that factor, so the pixels stay those of
+    the full-size picture.
+    """
     xs = [x for x, _ in pos.values()]
     ys = [y for _, y in pos.values()]
-    width = min(MAX_INCHES, max(6.0, 1.5 * (max(xs) - min(xs) + 1) + 2.0))
-    height = min(MAX_INCHES, max(3.5, 1.35 * (max(ys) - min(ys) + 1) + 1.5))
-    return width, height
+    width = max(6.0, COLUMN_INCHES * (max(xs) - min(xs) + 1) + 2.0)
+    height = max(3.5, LAYER_INCHES * (max(ys) - min(ys) + 1) + 1.5)
+    scale = min(1.0, MAX_INCHES / width, MAX_INCHES / height)
+    return width * scale, height * scale, scale
 
 
-def save_png(nodes: Mapping[int, Node], best: int, path: Path, title: str) -> None:
-    """Draw the tree into ``path`` (PNG, matplotlib's Agg backend)."""
+def draw(nodes: Mapping[int, Node], best: int, title: str) -> tuple[Any, float]:
+    """The tree as a matplotlib figure, and the resolution (dpi) to save it at.
+
+    Split from :func:`save_png` so the figure can be measured (the tests ask the renderer
+    where every label ends up and check that none overlaps another).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,12 +223,15 @@ def save_png(nodes: Mapping[int, Node], best: int, path: Path, title: str) -> No
     pos = layout(nodes)
     # Long seed names (paths as written in the mergekit config) get wider columns.
     longest = max(len(line) for node in nodes.values() for line in node.label.splitlines())
-    spread = max(1.0, (0.075 * longest + 0.4) / 1.5)
+    spread = max(1.0, (0.075 * longest + 0.4) / COLUMN_INCHES)
     pos = {n: (x * spread, y) for n, (x, y) in pos.items()}
-    fig, ax = plt.subplots(figsize=_size(pos))
+    width, height, scale = _size(pos)
+    dpi = min(DPI / scale, MAX_PIXELS / max(width, height))
+    fig, ax = plt.subplots(figsize=(width, height))
     values = [n.value for n in nodes.values() if n.value is not None]
     norm = Normalize(vmin=min(values, default=0.0), vmax=max(values, default=1.0) or 1.0)
     cmap = plt.get_cmap("YlGn")
+    lw = 0.9 * scale
     half_h = 0.2  # a node box's half height, in layer units
     for n, node in nodes.items():
         if node.parents is None:
@@ -217,22 +248,23 @@ def save_png(nodes: Mapping[int, Node], best: int, path: Path, title: str) -> No
                     arrowstyle="-",
                     linestyle=style,
                     color="#555555",
-                    lw=0.9,
+                    lw=lw,
                     alpha=0.8,
                     connectionstyle=f"arc3,rad={0.25 if skip else 0.0}",
                     zorder=1,
                 )
             )
-        ax.plot([join[0], cx], [join[1], cy + half_h], color="#555555", lw=0.9, zorder=1)
+        ax.plot([join[0], cx], [join[1], cy + half_h], color="#555555", lw=lw, zorder=1)
         ax.text(
             join[0],
             join[1] + 0.02,
             node.merge_label,
             ha="center",
             va="bottom",
-            fontsize=6.5,
+            fontsize=MERGE_FONT * scale,
             color="#1f3b73",
-            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
+            # Opaque: an edge passing behind a label never runs through its text.
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none"},
             zorder=3,
         )
     for n, node in nodes.items():
@@ -245,13 +277,13 @@ def save_png(nodes: Mapping[int, Node], best: int, path: Path, title: str) -> No
             node.label,
             ha="center",
             va="center",
-            fontsize=8,
+            fontsize=NODE_FONT * scale,
             fontweight="bold" if n == best else "normal",
             bbox={
                 "boxstyle": "round,pad=0.3",
                 "fc": colour,
                 "ec": "#c0392b" if n == best else ("#1f3b73" if node.parents is None else "#555"),
-                "lw": 2.2 if n == best else 0.8,
+                "lw": (2.2 if n == best else 0.8) * scale,
             },
             zorder=4,
         )
@@ -260,28 +292,42 @@ def save_png(nodes: Mapping[int, Node], best: int, path: Path, title: str) -> No
     ax.set_xlim(min(xs) - 0.8, max(xs) + 0.8)
     ax.set_ylim(min(ys) - 0.6, max(ys) + 0.6)
     gens = sorted({node.generation for node in nodes.values()})
-    ax.set_yticks([-g for g in gens], [f"gen {g}" for g in gens], fontsize=7)
+    ax.set_yticks([-g for g in gens], [f"gen {g}" for g in gens], fontsize=TICK_FONT * scale)
+    ax.tick_params(axis="y", length=3.5 * scale, width=0.8 * scale)
     ax.set_xticks([])
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
-    ax.set_title(title, fontsize=10)
+    ax.spines["left"].set_linewidth(0.8 * scale)
+    ax.set_title(title, fontsize=10 * scale)
     ax.legend(
         handles=[
-            Line2D([], [], color="#555555", ls="-", label="from parent A (base)"),
-            Line2D([], [], color="#555555", ls="--", label="from parent B"),
+            Line2D([], [], color="#555555", lw=1.5 * scale, ls="-", label="from parent A (base)"),
+            Line2D([], [], color="#555555", lw=1.5 * scale, ls="--", label="from parent B"),
             Line2D([], [], ls="", label="label: w = mix ratio, s = split point"),
             Line2D([], [], ls="", label="node: trial number, mean fitness"),
         ],
+        # Just under the axes, the gap in font units (an axes fraction grows with the tree).
         loc="upper left",
-        bbox_to_anchor=(0.0, -0.01),
+        bbox_to_anchor=(0.0, 0.0),
+        borderaxespad=0.3,
         ncol=2,
-        fontsize=7,
+        fontsize=7 * scale,
         frameon=False,
     )
+    return fig, dpi
+
+
+def save_png(nodes: Mapping[int, Node], best: int, path: Path, title: str) -> None:
+    """Draw the tree into ``path`` (PNG, matplotlib's Agg backend)."""
+    import matplotlib.pyplot as plt
+
+    fig, dpi = draw(nodes, best, title)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # "tight" keeps the legend under the axes inside the picture.
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        # "tight" keeps the legend under the axes inside the picture.
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def plotly_figure(nodes: Mapping[int, Node], best: int, title: str) -> Any:

@@ -5,8 +5,9 @@
 * ``lineage.yml``: a ``mergekit-multi`` file of ``merge_method: m2n2`` merges that rebuilds
   the best model from the seed models (``mergekit-multi lineage.yml --intermediate-dir work
   --out-path rebuilt``);
-* ``<out>/plots/fitness.png``, ``<out>/plots/coverage.png`` and ``<out>/plots/lineage.png``
-  (the best model's family tree, :mod:`m2n2_plugin.report.family_tree`); ``<out>/summary.json``.
+* ``<out>/plots/fitness.png``, ``<out>/plots/coverage.png`` (:mod:`m2n2_plugin.report.plots`)
+  and ``<out>/plots/lineage.png`` (the best model's family tree,
+  :mod:`m2n2_plugin.report.family_tree`); ``<out>/summary.json``.
 
 It takes plain data -- the archive, the trials, the seeds, the output folder and a
 :class:`Settings` -- plus two callables for what needs the resident model (evaluating held-out
@@ -27,14 +28,15 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
+from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.merge.kernel import split_point_names
 from m2n2_plugin.merge.models import CARRIED_KEYS
 from m2n2_plugin.merge.models import CONFIG_MERGE
 from m2n2_plugin.merge.models import Seed
 from m2n2_plugin.report import family_tree
+from m2n2_plugin.report import plots
 from m2n2_plugin.report.ranking import best_member
 from m2n2_plugin.report.ranking import fitness_means
 
@@ -56,6 +58,32 @@ class Settings:
     fitness_weights: str = ""
     #: Warnings the card must carry (e.g. fitness documents from a benchmark's test split).
     warnings: Sequence[str] = ()
+    #: Documents per task, in the score vector's order (tasks as the config lists them). The
+    #: totals alone made the card print one task's count as "200 in all" when two tasks had
+    #: 100 each; empty: only the totals are known, and the card says "in all".
+    fitness_counts: Mapping[str, int] = field(default_factory=dict)
+    heldout_counts: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Per-task counts must add up to the totals: a card must not contradict itself."""
+        for what, counts, total in (
+            ("fitness", self.fitness_counts, self.n_fitness_docs),
+            ("held-out", self.heldout_counts, self.n_heldout_docs),
+        ):
+            if counts and sum(counts.values()) != total:
+                raise M2N2Error(
+                    f"report settings: {what} documents per task {dict(counts)} add up to "
+                    f"{sum(counts.values())}, not {total}"
+                )
+
+
+def doc_counts(counts: Mapping[str, int], total: int) -> str:
+    """``"task_a: 60, task_b: 12; 72 in all"``; only the total where no task's is known."""
+    if not counts:
+        return f"{total} in all"
+    if len(counts) == 1:
+        return f"{next(iter(counts))}: {total}"
+    return ", ".join(f"{task}: {n}" for task, n in counts.items()) + f"; {total} in all"
 
 
 def lineage_docs(
@@ -156,12 +184,19 @@ def model_card(
     model_name = f"m2n2-{settings.study_name}-trial-{best}"
     n_docs = settings.n_heldout_docs
     best_scores = next(iter(heldout.values()), {})
+
+    def split(task: str) -> str:
+        """The documents one task's score is the mean of: that task's, not all tasks'."""
+        count = settings.heldout_counts.get(task)
+        n = f"{count}" if count is not None else f"{n_docs} across the tasks"
+        return f"held-out documents ({n}, never used for selection)"
+
     results = [
         EvalResult(
             task_type="text-generation",
             dataset_type=task,
             dataset_name=task,
-            dataset_split=f"held-out documents ({n_docs} in all, never used for selection)",
+            dataset_split=split(task),
             metric_type=settings.metric,
             metric_name=settings.metric,
             metric_value=round(float(best_scores[task]), 6),
@@ -197,19 +232,23 @@ def model_card(
     merges = [node for _, node in sorted(tree.items()) if node.parents is not None]
     if merges:
         lines = "\n".join(
-            f"| {n.number} | {n.parents[0]} | {n.parents[1]} | {n.mix_ratio:.4f} | "
-            f"{family_tree.split_text(n.split_point, 4)} | {_score(n.value)} |"
+            f"| {n.number} | {_parent(tree, n.parents[0])} | {_parent(tree, n.parents[1])} | "
+            f"{n.mix_ratio:.4f} | {family_tree.split_text(n.split_point, 4)} | "
+            f"{_score(n.value)} |"
             for n in merges
             if n.parents is not None
         )
         lineage = (
             "Every merge from the seeds to this model, oldest first (`mix_ratio` is the weight "
-            "on parent B before the split point, `1 - mix_ratio` after it):\n\n"
+            "on parent B before the split point, `1 - mix_ratio` after it; a parent is a "
+            "trial number, or a seed model as the mergekit config names it):\n\n"
             "| trial | parent A (base) | parent B | mix_ratio | split_point | mean fitness |\n"
             f"|---|---|---|---|---|---|\n{lines}\n\n![family tree](lineage.png)"
         )
     else:
         lineage = "This model is a seed: no child beat it."
+    fitness_docs = doc_counts(settings.fitness_counts, settings.n_fitness_docs)
+    heldout_docs = doc_counts(settings.heldout_counts, n_docs)
     body = f"""
 # M2N2 merge (trial {best} of study `{settings.study_name}`)
 
@@ -228,13 +267,22 @@ Fitness weights: {settings.fitness_weights or "every fitness document weighs the
 {lineage}
 
 ## Scores
-Mean fitness score ({settings.n_fitness_docs} fitness documents): {fitness:.4f}
+Mean fitness score: {fitness:.4f} over the fitness documents ({fitness_docs}).
 
-Held-out documents ({n_docs}, never used for selection):
+Held-out documents, never used for selection ({heldout_docs}):
 
 {table}
 {"".join(f"{chr(10)}**Warning:** {w}{chr(10)}" for w in settings.warnings)}"""
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _parent(tree: Mapping[int, family_tree.Node], number: int) -> str:
+    """A lineage table's parent: a seed by its model's name (trial numbers 0, 1, ... said
+    nothing about which model), a child by its trial number."""
+    node = tree.get(number)
+    if node is None or node.parents is not None or node.seed_name is None:
+        return str(number)
+    return f"`{node.seed_name}` (seed, trial {number})"
 
 
 def _score(value: float | None) -> str:
@@ -254,50 +302,6 @@ def read_history(out: Path) -> list[dict[str, Any]]:
     for r in rows:
         last[r["trial"]] = r
     return [last[k] for k in sorted(last)]
-
-
-def _plots(out: Path, arch: Any) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_history(out)
-    plots = out / "plots"
-    plots.mkdir(exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if rows:
-        x = [r["trial"] for r in rows]
-        ax.scatter(
-            x,
-            [np.nan if r["value"] is None else r["value"] for r in rows],
-            s=6,
-            alpha=0.4,
-            label="child mean score",
-        )
-        ax.plot(x, [r["archive_best"] for r in rows], label="archive best")
-        ax.plot(x, [r["archive_mean"] for r in rows], label="archive mean")
-        ax.plot(x, [r["coverage"] for r in rows], "--", label="coverage")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("fitness (mean per-document score)")
-    ax.set_title("M2N2 fitness over trials")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(plots / "fitness.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 0.35 * max(len(arch.members), 2) + 1.5))
-    if len(arch.members):
-        ax.imshow(
-            arch.scores, aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest"
-        )
-        ax.set_yticks(range(len(arch.members)), [f"trial {m}" for m in arch.members])
-        cov = float(arch.scores.max(axis=0).mean())
-        ax.set_title(f"archive per-document scores (coverage {cov:.3f})")
-    ax.set_xlabel("fitness document")
-    fig.tight_layout()
-    fig.savefig(plots / "coverage.png", dpi=120)
-    plt.close(fig)
 
 
 def write_outputs(
@@ -320,7 +324,9 @@ def write_outputs(
     summary: dict[str, Any] = {"output_dir": str(out), "archive": archive.members}
     if settings.warnings:
         summary["warnings"] = list(settings.warnings)
-    _plots(out, archive)
+    plots.save_plots(
+        out, read_history(out), trials, archive, settings.fitness_counts, settings.metric
+    )
     if not archive.members:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary

@@ -188,6 +188,8 @@ class RunState:
             carried=self.carried,
             fitness_weights=self.fitness_weights.describe() if self.fitness_weights else "",
             warnings=[w for w in [self.study.user_attrs.get("m2n2.benchmark_warning")] if w],
+            fitness_counts={task: len(ids) for task, ids in self.fitness_docs.ids.items()},
+            heldout_counts={task: len(ids) for task, ids in self.heldout_docs.ids.items()},
         )
         return write_outputs(
             self.out,
