@@ -480,7 +480,7 @@ def plot(groups: dict[tuple[str, str], list[dict]], setup: dict[str, Any], path:
     )
     for i, ((method, variant), rs) in enumerate(groups.items()):
         color = f"C{i}"
-        name = f"{label(method, variant)}, {len(rs)} seeds"
+        name = f"{label(method, variant)}, {len(rs)} seed{'' if len(rs) == 1 else 's'}"
         grid, mean, sd = mean_curve([r["curve"] for r in rs])
         left.step(grid, mean, where="post", color=color, label=name)
         left.fill_between(grid, mean - sd, mean + sd, step="post", color=color, alpha=0.2)
