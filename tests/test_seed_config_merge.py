@@ -184,3 +184,46 @@ def test_a_config_mergekit_cannot_merge_is_one_line_and_leaves_nothing(workspace
     assert "Traceback" not in proc.stderr
     assert not (workspace / "out-three").exists()
     assert sorted(p.name for p in workspace.iterdir()) == before
+
+
+def test_base_model_as_one_more_seed(workspace: Path) -> None:
+    """search.seed_base_model: the config's base_model is a seed after its models (and before
+    the config's own merge); the lineage names it by its folder; without a base_model: one
+    line."""
+    from m2n2_plugin.search.evolve import evolve
+
+    cfg = _config(workspace, "with_base", 8, search__seed_base_model=True)
+    run = evolve(cfg, progress=False)
+    names = [s.name for s in run.seeds]
+    assert names == ["m1", "m2", "base_model (m0)", "mergekit_config merge (task_arithmetic)"]
+    assert run.seeds[2].path == (workspace / "m0").resolve()
+    seed_trials = {
+        t.user_attrs["m2n2.seed"]: t for t in run.study.trials if "m2n2.seed" in t.user_attrs
+    }
+    assert sorted(seed_trials) == [0, 1, 2, 3]
+    assert seed_trials[2].user_attrs["m2n2.model"] == "base_model (m0)"
+    # The base model was evaluated as the model it is: its score equals m0's as a plain seed.
+    plain = evolve(
+        write_config(workspace, "m0_alone", mergekit_config="seeds.yml", search__n_trials=3),
+        progress=False,
+    )
+    assert seed_trials[2].value == plain.study.trials[0].value
+    # A base_model that is already one of the models is not added twice.
+    again = write_config(
+        workspace, "base_listed", search__seed_base_model=True, search__n_trials=3
+    )
+    assert [s.name for s in evolve(again, progress=False).seeds] == ["m0", "m1", "m2"]
+    # A config without a base_model cannot have it as a seed.
+    (workspace / "linear.yml").write_text(
+        "merge_method: linear\nmodels:\n  - model: m1\n    parameters: {weight: 0.5}\n"
+        "  - model: m2\n    parameters: {weight: 0.5}\ndtype: float32\n"
+    )
+    none = write_config(
+        workspace,
+        "no_base",
+        mergekit_config="linear.yml",
+        search__seed_base_model=True,
+        search__n_trials=3,
+    )
+    with pytest.raises(M2N2Error, match="needs a mergekit config with a base_model"):
+        evolve(none, progress=False)

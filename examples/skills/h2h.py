@@ -62,10 +62,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "granularity": "element",
         "split_over": "all",
         "split_points": 1,
+        "seed_base_model": False,
     },
     # The options screened against "paper" (docs/h2h.md), one change each.
     "differ": {"split_over": "differing"},
     "k3": {"split_points": 3},
+    "base": {"seed_base_model": True},
 }
 METHODS = ("m2n2", "cma")
 #: One thread per run: two runs share two cores without oversubscribing them.

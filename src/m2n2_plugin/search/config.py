@@ -155,6 +155,9 @@ class SearchConfig(BaseModel):
     # Refine the merge you already have: the mergekit config's own merge (merged once by
     # mergekit into <output_dir>/config_merge) is one more seed, after the config's models.
     seed_config_merge: bool = False
+    # The mergekit config's base_model is one more seed (after its models): children can move
+    # a region back towards it, e.g. task-vector weights that sum below 1.
+    seed_base_model: bool = False
     storage: str | None = None
     study_name: str = "m2n2"
     heartbeat_interval: int | None = Field(default=60, ge=1)

@@ -306,6 +306,7 @@ def fingerprint(cfg: EvolveConfig, seeds: list[Seed], fitness: DocSet) -> dict[s
             "tracking",
             "tracking_uri",
             "seed_config_merge",  # the seeds say it (the merge is one, with its recipe)
+            "seed_base_model",  # the seeds say it
         }
     )
     # Options added later are left out at their defaults: studies made before them resume.

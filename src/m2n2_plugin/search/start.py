@@ -98,6 +98,8 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     # Any number of seeds: past archive_size they compete for the slots (the sampler's
     # Seeds section), so the search, not the user, decides which fine-tunes stay.
     seeds, carried = seeds_from_mergekit(mk_data, mk_dir)
+    if cfg.search.seed_base_model:
+        seeds = with_base_model(seeds, carried)
     check_compatible(seeds)
     check_tokenizers(seeds)
     if cfg.search.seed_config_merge:  # merged below, into the output folder
@@ -205,6 +207,22 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         split_space=space,
     )
     return run
+
+
+def with_base_model(seeds: list[Seed], carried: dict) -> list[Seed]:
+    """``search.seed_base_model``: the mergekit config's ``base_model`` as one more seed.
+
+    Children interpolate between archive members, so from fine-tunes of one base (and their
+    task-arithmetic merge) they reach task-vector weights that sum to 1 or more per region;
+    the base model in the archive lets a region move back towards it (weights below 1), as
+    CMA-ES over task-arithmetic weights can.
+    """
+    base = carried.get("base_model")
+    if base is None:
+        raise M2N2Error("search.seed_base_model needs a mergekit config with a base_model")
+    if any(s.path.resolve() == Path(base).resolve() for s in seeds):
+        return seeds  # already a seed
+    return [*seeds, Seed(f"base_model ({Path(base).name})", Path(base))]
 
 
 def split_space(cfg: EvolveConfig, seeds: list[Seed], arch: Architecture) -> SplitSpace | None:
