@@ -65,6 +65,8 @@ class Run(RunState):
         from m2n2_plugin.merge.resident import save_child
 
         timing = TrialTiming()
+        if self.store is not None:
+            self.store.begin_trial()
         t0 = time.perf_counter()
         seed_index = self.sampler.seed_index(trial)
         parents = None if seed_index is not None else self.sampler.parents(trial)
@@ -105,6 +107,8 @@ class Run(RunState):
                 scratch=self.scratch,
             )
             timing.merge = time.perf_counter() - t0
+            if self.store is not None:  # the parents' fetches: kept, whatever comes next
+                self.store.record(trial)
 
         t0 = time.perf_counter()
         # Early rejection for children, and for seeds past the first archive_size: those find
@@ -139,6 +143,9 @@ class Run(RunState):
                 except OSError as exc:  # a full disk, a quota: the file was not written
                     raise write_error(path, exc) from exc
                 timing.save = time.perf_counter() - t0
+                if self.store is not None:  # before COMPLETE, like the file (archive_store.py)
+                    self.store.upload(trial, path)
+                    self.store.record(trial)
         trial.set_user_attr("m2n2.docs_evaluated", len(scores))
         trial.set_user_attr("m2n2.timing", {k: round(v, 4) for k, v in vars(timing).items()})
         return float(scores.mean())
