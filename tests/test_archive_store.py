@@ -369,3 +369,45 @@ def test_store_settings_are_checked_in_one_line(tmp_path: Path) -> None:
     store = ArchiveStore.open("members", tmp_path, tmp_path / "out", 2)
     assert store.url == str(tmp_path / "members") and (tmp_path / "members").is_dir()
     assert not (tmp_path / "out").exists()
+
+
+def _cached(store: Any, number: int, data: bytes) -> Path:
+    """Put a member's copy into a worker's cache, as a fetch or an upload leaves it."""
+    from m2n2_plugin.search.workers import member_file
+
+    path = member_file(store.out, number)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    store.lru[number] = None
+    return path
+
+
+def test_upload_hashes_while_it_transfers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sha256 is computed while the object is written, not before it: the hash waits
+    here until the write has begun (hashed first, it would wait in vain and fail)."""
+    import threading
+
+    from m2n2_plugin.search import archive_store
+    from m2n2_plugin.search.archive_store import ArchiveStore
+
+    store = ArchiveStore.open("objects", tmp_path, tmp_path / "out", 2)
+    writing = threading.Event()
+    write, sha256_file = store.store.write, archive_store.sha256_file
+
+    def started_write(artifact_id: str, body: Any) -> None:
+        writing.set()
+        write(artifact_id, body)
+
+    def after_write_began(path: Path) -> str:
+        assert writing.wait(20), "the file was hashed before its upload began"
+        return sha256_file(path)
+
+    monkeypatch.setattr(store.store, "write", started_write)
+    monkeypatch.setattr(archive_store, "sha256_file", after_write_began)
+    study = optuna.create_study()
+    trial = study.ask()
+    data = os.urandom(3 << 20)
+    store.upload(trial, _cached(store, trial.number, data))
+    meta = study.trials[0].user_attrs[TRIAL_ATTR]
+    assert meta["sha256"] == hashlib.sha256(data).hexdigest()
+    assert (tmp_path / "objects" / meta["id"]).read_bytes() == data
