@@ -411,3 +411,22 @@ def test_upload_hashes_while_it_transfers(tmp_path: Path, monkeypatch: pytest.Mo
     meta = study.trials[0].user_attrs[TRIAL_ATTR]
     assert meta["sha256"] == hashlib.sha256(data).hexdigest()
     assert (tmp_path / "objects" / meta["id"]).read_bytes() == data
+
+
+def test_upload_keeps_the_child_and_drops_the_member_it_displaces(tmp_path: Path) -> None:
+    """A full cache after an upload: the child stays (no fetch of this worker's own child)
+    and the member whose slot it took goes, not the least recently used member."""
+    from m2n2_plugin.search.archive_store import ArchiveStore
+
+    store = ArchiveStore.open("objects", tmp_path, tmp_path / "out", 2)
+    study = optuna.create_study()
+    old, displaced, child = (study.ask() for _ in range(3))
+    kept = _cached(store, old.number, b"least recently used")
+    gone = _cached(store, displaced.number, b"displaced")
+    store.upload(child, _cached(store, child.number, b"child"), displaced.number)
+    assert list(store.lru) == [old.number, child.number]
+    assert kept.is_file() and not gone.exists()
+    attrs = study.trials[child.number].user_attrs
+    hit = store.local_member(child.number, attrs, evicted=lambda: False)
+    assert hit.read_bytes() == b"child" and store.traffic.hits == 1
+    assert store.traffic.misses == 0

@@ -269,11 +269,15 @@ class ArchiveStore:
         """Write this trial's traffic so far to its user attrs."""
         trial.set_user_attr(TRAFFIC_ATTR, {k: round(v, 4) for k, v in vars(self.traffic).items()})
 
-    def upload(self, trial: optuna.Trial, path: Path) -> None:
+    def upload(self, trial: optuna.Trial, path: Path, displaced: int | None = None) -> None:
         """Upload the child just saved at ``path`` (in the cache) as its trial's artifact.
 
         ``upload_artifact`` records the artifact in the trial's system attrs before it writes
         the object, so a worker killed in between leaves a record that ``sync`` cleans up.
+        The child stays in this worker's cache (it is the likeliest next parent here); if the
+        cache is then over ``cache_size``, the copy of ``displaced`` -- the member whose slot
+        the child takes -- goes first: it leaves the archive when the fold passes this trial,
+        while the least recently used copy is usually a member that would be fetched again.
         """
         t0 = time.perf_counter()
         # The sha256 is computed in a second thread while the file is uploaded (both read it
@@ -296,7 +300,7 @@ class ArchiveStore:
         self.traffic.uploaded_bytes += path.stat().st_size
         self.lru[trial.number] = None
         self.lru.move_to_end(trial.number)
-        self.evict(protect={trial.number})
+        self.evict(protect={trial.number}, first=displaced)
 
     def local_member(
         self, number: int, attrs: dict[str, Any], evicted: Callable[[], bool]
@@ -378,11 +382,16 @@ class ArchiveStore:
             f"archive store {self.url}; restore that object or start a new study"
         )
 
-    def evict(self, protect: set[int]) -> None:
-        """Delete the least recently used copies past ``cache_size`` (never ``protect``)."""
+    def evict(self, protect: set[int], first: int | None = None) -> None:
+        """Delete the least recently used copies past ``cache_size`` (never ``protect``);
+        ``first``, when cached, before any other (see :meth:`upload`)."""
         for number in [n for n in self.lru if not member_file(self.out, n).is_file()]:
             del self.lru[number]  # deleted by sync_files: it left the archive
-        for number in list(self.lru):
+        order = list(self.lru)
+        if first in self.lru:
+            order.remove(first)
+            order.insert(0, first)
+        for number in order:
             if len(self.lru) <= self.cache_size:
                 break
             if number in protect:
