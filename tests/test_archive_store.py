@@ -170,6 +170,7 @@ def _dashboard_get(storage: str, url: str, study: optuna.Study, trial: Any) -> b
     return body
 
 
+@pytest.mark.slow  # subprocesses: see pyproject's markers
 @pytest.mark.parametrize("kind", ["s3", "folder"])
 def test_workers_on_two_machines_killed_and_resumed_from_the_store(
     kind: str, workspace: Path, request: pytest.FixtureRequest
