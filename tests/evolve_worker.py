@@ -13,7 +13,8 @@ two optional test aids:
   that phase, write ``FILE`` (JSON: phase, trial, pid) and sleep, so that the test can
   ``kill -9`` the process right there. ``merge``: the child is merged, not yet evaluated;
   ``evaluate``: lm-eval has scored a chunk of documents; ``save``: half of the child's
-  safetensors temp file is on disk; ``saved``: the child's file is complete, the trial not.
+  safetensors temp file is on disk; ``saved``: the child's file is complete, the trial not;
+  ``uploaded``: the child is in the archive store (``search.archive_store``), the trial not.
 
 The second form is a plain Optuna study with M2N2Sampler and the hub tests' toy objective.
 """
@@ -101,6 +102,16 @@ def _install_pause(args: argparse.Namespace) -> None:
 
     resident.save_child = saved  # type: ignore[assignment]
 
+    from m2n2_plugin.search.archive_store import ArchiveStore
+
+    upload = ArchiveStore.upload
+
+    def uploaded(self: ArchiveStore, *a: Any, **kw: Any) -> None:
+        upload(self, *a, **kw)
+        _pause_here(args, "uploaded")
+
+    ArchiveStore.upload = uploaded  # type: ignore[method-assign]
+
 
 def _barrier(folder: str, n: int) -> None:
     ready = Path(folder)
@@ -139,7 +150,7 @@ def main(argv: list[str]) -> int:
     split = argv.index("--")
     parser = argparse.ArgumentParser()
     parser.add_argument("--barrier", nargs=2, metavar=("DIR", "N"))
-    parser.add_argument("--pause-at", choices=("merge", "evaluate", "save", "saved"))
+    parser.add_argument("--pause-at", choices=("merge", "evaluate", "save", "saved", "uploaded"))
     parser.add_argument("--from-trial", type=int, default=0)
     parser.add_argument("--signal")
     args = parser.parse_args(argv[:split])

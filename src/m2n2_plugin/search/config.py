@@ -167,6 +167,20 @@ class SearchConfig(BaseModel):
     # MLflow's tracking URI; unset: $MLFLOW_TRACKING_URI, else MLflow's own default. A plain
     # path is relative to the config file's folder.
     tracking_uri: str | None = Field(default=None, min_length=1)
+    # Archive members in an Optuna artifact store (archive_store.py), for workers on several
+    # machines without a shared folder: a folder (relative to the config file's folder),
+    # s3://bucket/prefix or gs://bucket/prefix. Unset: members are files in output_dir.
+    archive_store: str | None = Field(default=None, min_length=1)
+    # With archive_store: how many members this worker keeps on its own disk (least recently
+    # used evicted); unset: archive_size, the disk an output folder needs without a store.
+    cache_size: int | None = Field(default=None, ge=2, le=MAX_ARCHIVE_SIZE)
+
+    @field_validator("cache_size")
+    @classmethod
+    def _cache_needs_store(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("archive_store") is None:
+            raise ValueError("is only used with archive_store")
+        return v
 
     @field_validator("split_points")
     @classmethod

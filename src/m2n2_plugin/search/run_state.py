@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from dataclasses import field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
 
 import optuna
@@ -43,7 +44,11 @@ from m2n2_plugin.search.fitness import LmEvalFitness
 from m2n2_plugin.search.weights import FitnessWeights
 from m2n2_plugin.search.workers import MemberEvicted
 from m2n2_plugin.search.workers import member_file
+from m2n2_plugin.search.workers import needed_members
 from m2n2_plugin.search.workers import sync_files
+
+if TYPE_CHECKING:
+    from m2n2_plugin.search.archive_store import ArchiveStore
 
 #: lm-eval's per-sample log of the best model's held-out documents, in the output folder.
 HELDOUT_SAMPLES = "heldout_samples.jsonl"
@@ -107,6 +112,9 @@ class RunState:
     fitness_weights: FitnessWeights | None = None
     #: Where a drawn split point falls (``search.split_over``), made once by ``prepare``.
     split_space: SplitSpace | None = None
+    #: ``search.archive_store``: members live in an artifact store, ``<out>/archive`` is this
+    #: worker's cache of them (archive_store.py). None: members are files in ``<out>/archive``.
+    store: ArchiveStore | None = None
 
     # ----------------------------------------------------------------- archive helpers
     def trial_attrs(self, number: int) -> dict[str, Any]:
@@ -119,6 +127,14 @@ class RunState:
         attrs = self.trial_attrs(number) if attrs is None else attrs
         if "m2n2.seed" in attrs:
             return self.seeds[int(attrs["m2n2.seed"])].path
+        if self.store is not None:
+            arch = self.sampler.archive
+
+            def evicted() -> bool:
+                now = arch(self.study)
+                return number < now.position and number not in now.members
+
+            return self.store.local_member(number, attrs, evicted)
         path = member_file(self.out, number)
         if not path.is_file():
             arch = self.sampler.archive(self.study)
@@ -141,6 +157,9 @@ class RunState:
         would otherwise surface trials later as a failed merge, or never, if the member is
         not drawn. Only headers are read: cheap for any archive size.
         """
+        if self.store is not None:  # the members' objects, and this worker's cached copies
+            self.store.check_members(self.sampler.archive(self.study).members, self.trial_attrs)
+            return
         for number in self.sampler.archive(self.study).members:
             if "m2n2.seed" in self.trial_attrs(number):
                 continue
@@ -170,8 +189,13 @@ class RunState:
 
     # ----------------------------------------------------------------- bookkeeping
     def sync_files(self) -> Any:
-        """Delete archive files nobody needs any more (:func:`workers.sync_files`)."""
-        return sync_files(self.study, self.sampler, self.out)
+        """Delete archive files nobody needs any more (:func:`workers.sync_files`), and with
+        an archive store their objects (:meth:`archive_store.ArchiveStore.sync`)."""
+        arch = sync_files(self.study, self.sampler, self.out)
+        if self.store is not None:
+            keep = needed_members(self.study, self.sampler, arch)
+            self.store.sync(self.study, arch.position, keep)
+        return arch
 
     def write_outputs(self) -> dict[str, Any]:
         """The report (:func:`report.write_outputs`) of this run's final archive."""
@@ -307,6 +331,8 @@ def fingerprint(cfg: EvolveConfig, seeds: list[Seed], fitness: DocSet) -> dict[s
             "tracking_uri",
             "seed_config_merge",  # the seeds say it (the merge is one, with its recipe)
             "seed_base_model",  # the seeds say it
+            "archive_store",  # where members live, not what they are (archive_store.py)
+            "cache_size",
         }
     )
     # Options added later are left out at their defaults: studies made before them resume.

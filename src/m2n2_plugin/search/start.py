@@ -26,6 +26,7 @@ from m2n2_plugin.merge.models import seeds_from_mergekit
 from m2n2_plugin.merge.models import shared_tensors
 from m2n2_plugin.merge.models import write_config_merge
 from m2n2_plugin.merge.split_space import SplitSpace
+from m2n2_plugin.search.archive_store import check_study
 from m2n2_plugin.search.config import EvolveConfig
 from m2n2_plugin.search.config import load_yaml
 from m2n2_plugin.search.devices import resolve_device
@@ -85,6 +86,13 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
     device = resolve_device(cfg.fitness.device)
     model_args = hflm_model_args(cfg.fitness.model_args)
     out = output_folder(cfg, output_dir)
+    # An archive store that cannot be reached: one line, before anything is written.
+    store = None
+    if cfg.search.archive_store is not None:
+        from m2n2_plugin.search.archive_store import ArchiveStore
+
+        cache_size = cfg.search.cache_size or cfg.search.archive_size
+        store = ArchiveStore.open(cfg.search.archive_store, cfg.base_dir, out, cache_size)
 
     # Seeds: an existing mergekit config, used as-is.
     if isinstance(cfg.mergekit_config, str):
@@ -164,6 +172,7 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
             f"{out} holds a study with a different {changed!r}; use another output_dir "
             f"(or the same config) to resume{hint}"
         )
+    check_study(study, store)
 
     # The resident evaluation model: built once, its tensors replaced for every trial.
     dtype_name = fc.dtype or carried.get("out_dtype") or carried.get("dtype") or "float32"
@@ -205,6 +214,7 @@ def prepare(cfg: EvolveConfig, output_dir: str | Path | None = None) -> Run:
         arch=arch,
         fitness_weights=weights,
         split_space=space,
+        store=store,
     )
     return run
 

@@ -65,6 +65,8 @@ class Run(RunState):
         from m2n2_plugin.merge.resident import save_child
 
         timing = TrialTiming()
+        if self.store is not None:
+            self.store.begin_trial()
         t0 = time.perf_counter()
         seed_index = self.sampler.seed_index(trial)
         parents = None if seed_index is not None else self.sampler.parents(trial)
@@ -105,6 +107,8 @@ class Run(RunState):
                 scratch=self.scratch,
             )
             timing.merge = time.perf_counter() - t0
+            if self.store is not None:  # the parents' fetches: kept, whatever comes next
+                self.store.record(trial)
 
         t0 = time.perf_counter()
         # Early rejection for children, and for seeds past the first archive_size: those find
@@ -129,7 +133,7 @@ class Run(RunState):
             # Keep the child's weights only if the fold takes it in (exact with any number of
             # workers); a child that is not kept never touches the disk. The file is in place
             # before the trial is COMPLETE, so every member the fold admits has one.
-            keep = self.admit(trial, scores)
+            keep, displaced = self.admit(trial, scores)
             timing.wait = time.perf_counter() - t0
             if keep and child is not None:
                 t0 = time.perf_counter()
@@ -139,6 +143,9 @@ class Run(RunState):
                 except OSError as exc:  # a full disk, a quota: the file was not written
                     raise write_error(path, exc) from exc
                 timing.save = time.perf_counter() - t0
+                if self.store is not None:  # before COMPLETE, like the file (archive_store.py)
+                    self.store.upload(trial, path, displaced)
+                    self.store.record(trial)
         trial.set_user_attr("m2n2.docs_evaluated", len(scores))
         trial.set_user_attr("m2n2.timing", {k: round(v, 4) for k, v in vars(timing).items()})
         return float(scores.mean())
@@ -151,8 +158,9 @@ class Run(RunState):
         except ValueError as exc:  # e.g. another length than the study's earlier trials
             raise M2N2Error(f"trial {trial.number}: invalid fitness scores: {exc}") from exc
 
-    def admit(self, trial: optuna.Trial, scores: np.ndarray) -> bool:
-        """Whether the archive will take this child in when the fold reaches it.
+    def admit(self, trial: optuna.Trial, scores: np.ndarray) -> tuple[bool, int | None]:
+        """Whether the archive will take this child in when the fold reaches it, and the
+        member it then displaces (None: it takes an empty slot, or is not taken).
 
         The fold applies trial ``n`` to the archive that all trials numbered below ``n`` left.
         With several workers some of them may still run, and one that finishes later can
@@ -162,7 +170,9 @@ class Run(RunState):
         RUNNING -- and ask that archive. One worker never waits; N workers wait for at most
         N - 1 trials.
         """
-        return self.fold_up_to(trial).entry_slot(scores) is not None
+        arch = self.fold_up_to(trial)
+        slot = arch.entry_slot(scores)
+        return (False, None) if slot is None else (True, arch.slots[slot])
 
     def fold_up_to(self, trial: optuna.Trial) -> Any:
         """The archive this trial will be folded into (:func:`workers.fold_up_to`)."""

