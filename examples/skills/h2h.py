@@ -67,7 +67,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # The options screened against "paper" (docs/h2h.md), one change each.
     "differ": {"split_over": "differing"},
     "k3": {"split_points": 3},
-    "base": {"seed_base_model": True},
 }
 METHODS = ("m2n2", "cma")
 #: One thread per run: two runs share two cores without oversubscribing them.
