@@ -121,7 +121,7 @@ def test_several_split_points_are_drawn_after_the_first() -> None:
         def suggest(trial: optuna.Trial) -> float:
             for name in m2n2.split_point_names(3):
                 trial.suggest_float(name, 0.0, 1.0)
-            return toy_objective(sampler)(trial)
+            return float(toy_objective(sampler)(trial))
 
         return suggest
 
