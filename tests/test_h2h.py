@@ -158,6 +158,10 @@ def test_miniature_head_to_head(tmp_path: Path) -> None:
     assert "M2N2 (default) - CMA-ES" in doc["comparisons"]
     assert (tmp_path / "results" / "mini.png").stat().st_size > 10_000
     assert "A12" in (tmp_path / "results" / "mini.md").read_text()
+    # A finished M2N2 run keeps its best model, not its archive (disk: archive_size models).
+    for run in (tmp_path / "runs").glob("*/m2n2-default-s*"):
+        assert (run / "best" / "model.safetensors").is_file()
+        assert not (run / "archive").exists() and not (run / "config_merge").exists()
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("result.json")}
     again = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr

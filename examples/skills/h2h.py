@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -367,6 +368,11 @@ def one_run(root: Path, method: str, variant: str, seed: int) -> None:
     tmp = out / "result.json.tmp"
     tmp.write_text(json.dumps(result))
     os.replace(tmp, out / "result.json")
+    # A finished run keeps its best model, study and logs; its archive (about archive_size
+    # models: 5 GB for SmolLM2 in float32) and the config's merge go, or a few dozen runs fill
+    # the disk.
+    for spent in ("archive", "config_merge"):
+        shutil.rmtree(out / spent, ignore_errors=True)
 
 
 # --- the table, the plot and the JSON of a pair ---
