@@ -58,7 +58,9 @@ def measure(folder: Path) -> dict[str, Any]:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name="m2n2", storage=f"sqlite:///{folder / 'study.db'}")
-    seeds = [Path(path) for _, path in study.user_attrs["m2n2.seeds"]]
+    # A finished h2h run no longer holds the config's merge; tensors the specialists share
+    # are shared by their task-arithmetic merge too, so the specialists alone say the same.
+    seeds = [Path(path) for _, path in study.user_attrs["m2n2.seeds"] if Path(path).exists()]
     total, first, last = seed_layout(seeds)
     history = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()]
     members_after = {row["trial"]: set(row["members"]) for row in history}
