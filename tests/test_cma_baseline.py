@@ -71,3 +71,19 @@ def test_cma_baseline_merges_the_genome_and_stops_at_the_budget(tmp_path: Path) 
     # Resumed: the study is kept and only what the larger budget needs runs.
     rows = cma.run(budget=5 * n)
     assert len(rows) == 5
+    # Interrupted mid-scoring (Ctrl-C): that trial is FAIL; resumed, it neither counts towards
+    # the budget nor enters the curve, and the run ends with as many complete trials as before.
+    real_score = fitness.score
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    fitness.score = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        cma.run(budget=6 * n)
+    fitness.score = real_score
+    rows = cma.run(budget=6 * n)
+    states = [t.state.name for t in cma.study.trials]
+    assert states.count("FAIL") == 1 and states.count("COMPLETE") == 6
+    assert [r["total"] for r in rows] == [k * n for k in range(1, 7)]
+    assert all(r["trial"] != states.index("FAIL") for r in rows)

@@ -147,20 +147,26 @@ class CmaBaseline:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         n = len(self.scorer.docs["fitness"])
-        while len(self.study.trials) * n < budget:
+
+        def done() -> list[Any]:
+            # A trial interrupted (Ctrl-C, a kill) is FAIL or left RUNNING: its documents were
+            # not all scored and CMA-ES ignores it, so it neither counts nor enters the curve.
+            return self.study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
+
+        while len(done()) * n < budget:
             self.study.optimize(self.objective, n_trials=1)
             t = self.study.trials[-1]
             print(
                 f"cma trial {t.number}: {t.value:.3f} (best {self.study.best_value:.3f}, "
-                f"{(t.number + 1) * n}/{budget} documents)",
+                f"{len(done()) * n}/{budget} documents)",
                 flush=True,
             )
             if on_trial is not None:
                 on_trial()
         rows, best = [], -1.0
-        for t in self.study.trials:
+        for i, t in enumerate(done(), start=1):
             best = max(best, t.value)
-            rows.append({"trial": t.number, "docs": n, "total": (t.number + 1) * n, "best": best})
+            rows.append({"trial": t.number, "docs": n, "total": i * n, "best": best})
         return rows
 
     def best_model(self) -> Path:
