@@ -492,7 +492,9 @@ def plot(groups: dict[tuple[str, str], list[dict]], setup: dict[str, Any], path:
         left.step(grid, mean, where="post", color=color, label=name)
         left.fill_between(grid, mean - sd, mean + sd, step="post", color=color, alpha=0.2)
         held = [r["heldout"]["mean"] for r in rs]
-        right.plot([i] * len(held), held, "o", color=color, alpha=0.6)
+        # Seeds with the same score sit side by side, so every seed shows as a dot.
+        xs = [i - 0.06 * held[:k].count(h) for k, h in enumerate(held)]
+        right.plot(xs, held, "o", color=color, alpha=0.6)
         sd_held = float(np.std(held, ddof=1)) if len(held) > 1 else 0.0
         right.errorbar(i + 0.2, np.mean(held), yerr=sd_held, fmt="s", color=color, capsize=4)
     a, b = setup["pair"]
