@@ -170,11 +170,12 @@ def sha256(path: Path) -> str:
 def skills_setup(pair: list[str], fitness_docs: int, heldout: list[int]) -> dict[str, Any]:
     """Specialists trained by make_specialists.py (cached), the skills' lm-eval tasks."""
     models = HERE / "models"
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, str(HERE / "make_specialists.py"), "--models", str(models)]
         + ["--skills", *pair],
-        check=True,
     )
+    if done.returncode:  # make_specialists.py has said why on stderr
+        raise SystemExit(f"h2h: training the specialists failed (exit {done.returncode})")
     return {
         "name": "_".join(pair),
         "pair": list(pair),
