@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,33 @@ def test_miniature_head_to_head(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr
     assert "4 of 4 runs done" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # A new machine has the committed results file and no runs folder: nothing is rerun.
+    shutil.rmtree(tmp_path / "runs")
+    fresh = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr
+    assert "4 finished runs restored" in fresh.stdout and "4 of 4 runs done" in fresh.stdout
+    assert json.loads((tmp_path / "results" / "mini.json").read_text())["runs"] == runs
+
+
+def test_restore_writes_back_only_runs_of_the_same_set_up(tmp_path: Path) -> None:
+    setup = {
+        "name": "p",
+        "specialists_sha256": ["a", "b"],
+        "tasks": ["t1", "t2"],
+        "fitness_docs": 5,
+        "heldout_docs": [5, 6],
+        "budget_docs": 70,
+    }
+    run = {"method": "cma", "variant": "default", "search_seed": 3, "docs": 70}
+    record = {k: v for k, v in setup.items() if k not in ("name", "heldout_docs")}
+    record |= {"heldout_ids": [5, 6], "runs": [run]}
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "p.json").write_text(json.dumps(record))
+    other = {**setup, "budget_docs": 80}
+    assert h2h.restore(other, tmp_path / "runs", results) == 0
+    assert not (tmp_path / "runs").exists()
+    assert h2h.restore(setup, tmp_path / "runs", results) == 1
+    written = tmp_path / "runs" / "cma-default-s3" / "result.json"
+    assert json.loads(written.read_text()) == run
+    assert h2h.restore(setup, tmp_path / "runs", results) == 0  # present: left alone

@@ -383,6 +383,30 @@ def label(method: str, variant: str) -> str:
     return "CMA-ES" if method == "cma" else f"M2N2 ({variant})"
 
 
+def restore(setup: dict[str, Any], root: Path, results: Path) -> int:
+    """Write back, as their ``result.json``, the finished runs that ``results/<name>.json``
+    records and ``root`` lacks (a new machine, a cleaned runs folder), so that they count as
+    done and are pooled again instead of rerun. The results file is the record that gets
+    committed; the runs folder holds gigabytes of models and is not. Only runs of this very
+    set-up (specialists, tasks, documents, budget) are restored. Returns how many."""
+    path = results / f"{setup['name']}.json"
+    if not path.is_file():
+        return 0
+    doc = json.loads(path.read_text())
+    keys = [("specialists_sha256",) * 2, ("tasks",) * 2, ("fitness_docs",) * 2]
+    keys += [("heldout_ids", "heldout_docs"), ("budget_docs",) * 2]
+    if any(doc.get(mine) != setup[theirs] for mine, theirs in keys):
+        return 0
+    restored = 0
+    for run in doc["runs"]:
+        out = root / run_name(run["method"], run["variant"], run["search_seed"]) / "result.json"
+        if not out.is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(run, indent=1))
+            restored += 1
+    return restored
+
+
 def aggregate(setup: dict[str, Any], root: Path, results: Path) -> dict[str, Any]:
     """Every finished run of this set-up into ``results/<name>.{json,md,png}``."""
     runs, other = [], 0
@@ -643,6 +667,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     known.write_text(json.dumps(setup, indent=1))
+    restored = restore(setup, root, args.results_dir)
+    if restored:
+        record = args.results_dir / f"{setup['name']}.json"
+        print(f"h2h: {restored} finished runs restored from {record}")
     pending = [p for p in plan if not (root / run_name(*p) / "result.json").is_file()]
     print(
         f"h2h {tag}: {len(plan) - len(pending)} of {len(plan)} runs done; "
