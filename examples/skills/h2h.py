@@ -478,8 +478,8 @@ def markdown(doc: dict[str, Any]) -> str:
     if doc["comparisons"]:
         lines += [
             "",
-            "| comparison | held-out difference [bootstrap 95 %] | A12 | documents to reach "
-            "CMA-ES's final fitness | CMA-ES's documents to reach its final fitness |",
+            "| comparison | held-out difference [bootstrap 95 %] | A12 | M2N2's documents to "
+            "reach CMA-ES's final fitness | CMA-ES's documents to reach M2N2's final fitness |",
             "|---|---:|---:|---:|---:|",
         ]
         for name, c in doc["comparisons"].items():
