@@ -22,8 +22,10 @@ The second form is a plain Optuna study with M2N2Sampler and the hub tests' toy 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -168,6 +170,8 @@ def main(argv: list[str]) -> int:
 
     if args.pause_at:
         _install_pause(args)
+    # SIGUSR1 writes every thread's stack to stderr: a test whose worker hangs says where.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if args.barrier:
         _barrier(args.barrier[0], int(args.barrier[1]))
     return m2n2_main(argv[split + 1 :])

@@ -126,7 +126,16 @@ def test_ctrl_c_mid_trial_is_one_line_and_the_rerun_resumes(workspace: Path) -> 
     assert json.loads(signal_file.read_text())["trial"] == 3
     written = sorted(p.name for p in (out / "archive").glob("*"))
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # say where it hangs: its threads' stacks, then kill
+        alive = proc.poll() is None
+        if alive:
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"no exit 120 s after SIGINT (process alive: {alive}); stderr:\n{stderr}")
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines() == [INTERRUPTED]
     assert [line.split(":")[0] for line in stdout.splitlines()] == [f"trial {n}" for n in range(3)]
