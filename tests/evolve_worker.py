@@ -172,6 +172,10 @@ def main(argv: list[str]) -> int:
         _install_pause(args)
     # SIGUSR1 writes every thread's stack to stderr: a test whose worker hangs says where.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # Ctrl-C as a terminal delivers it: a shell without job control starts background jobs
+    # with SIGINT ignored, and a child inherits that, so a test run from such a job would
+    # send its SIGINT to a worker that never sees it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.barrier:
         _barrier(args.barrier[0], int(args.barrier[1]))
     return m2n2_main(argv[split + 1 :])
