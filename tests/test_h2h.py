@@ -179,6 +179,7 @@ def test_miniature_head_to_head(tmp_path: Path) -> None:
 def test_restore_writes_back_only_runs_of_the_same_set_up(tmp_path: Path) -> None:
     setup = {
         "name": "p",
+        "pair": ["a", "b"],
         "specialists_sha256": ["a", "b"],
         "tasks": ["t1", "t2"],
         "fitness_docs": 5,

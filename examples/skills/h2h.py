@@ -383,6 +383,19 @@ def label(method: str, variant: str) -> str:
     return "CMA-ES" if method == "cma" else f"M2N2 ({variant})"
 
 
+def identity(setup: dict[str, Any]) -> dict[str, Any]:
+    """What a results file says about the set-up its runs share: written by ``aggregate``,
+    checked by ``restore``."""
+    return {
+        "pair": setup["pair"],
+        "tasks": setup["tasks"],
+        "fitness_docs": setup["fitness_docs"],
+        "heldout_ids": setup["heldout_docs"],
+        "budget_docs": setup["budget_docs"],
+        "specialists_sha256": setup["specialists_sha256"],
+    }
+
+
 def restore(setup: dict[str, Any], root: Path, results: Path) -> int:
     """Write back, as their ``result.json``, the finished runs that ``results/<name>.json``
     records and ``root`` lacks (a new machine, a cleaned runs folder), so that they count as
@@ -393,9 +406,7 @@ def restore(setup: dict[str, Any], root: Path, results: Path) -> int:
     if not path.is_file():
         return 0
     doc = json.loads(path.read_text())
-    keys = [("specialists_sha256",) * 2, ("tasks",) * 2, ("fitness_docs",) * 2]
-    keys += [("heldout_ids", "heldout_docs"), ("budget_docs",) * 2]
-    if any(doc.get(mine) != setup[theirs] for mine, theirs in keys):
+    if any(doc.get(key) != value for key, value in identity(setup).items()):
         return 0
     restored = 0
     for run in doc["runs"]:
@@ -437,12 +448,7 @@ def aggregate(setup: dict[str, Any], root: Path, results: Path) -> dict[str, Any
         if method == "m2n2" and cma:
             comparisons[f"{label(method, variant)} - CMA-ES"] = compare(rs, cma)
     doc = {
-        "pair": setup["pair"],
-        "tasks": setup["tasks"],
-        "fitness_docs": setup["fitness_docs"],
-        "heldout_ids": setup["heldout_docs"],
-        "budget_docs": setup["budget_docs"],
-        "specialists_sha256": setup["specialists_sha256"],
+        **identity(setup),
         "runs_with_other_specialists": other,
         "summary": summary,
         "comparisons": comparisons,
