@@ -33,6 +33,7 @@ from optuna.artifacts import get_all_artifact_meta
 from optuna.trial import TrialState
 
 from m2n2_plugin.cli import main as m2n2_main
+from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.search.archive_store import TRAFFIC_ATTR
 from m2n2_plugin.search.archive_store import TRIAL_ATTR
 
@@ -431,3 +432,28 @@ def test_upload_keeps_the_child_and_drops_the_member_it_displaces(tmp_path: Path
     hit = store.local_member(child.number, attrs, evicted=lambda: False)
     assert hit.read_bytes() == b"child" and store.traffic.hits == 1
     assert store.traffic.misses == 0
+
+
+@pytest.mark.parametrize("size", [0, 1000, 4 * 1000 + 17])
+def test_fetch_hashes_every_chunk_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """A fetch hashes chunk by chunk in a second thread: over many chunks (and none) the
+    digest must still be the object's, or every fetch would be refused as damaged."""
+    from m2n2_plugin.search import archive_store
+    from m2n2_plugin.search.archive_store import ArchiveStore
+
+    monkeypatch.setattr(archive_store, "CHUNK", 1000)  # a 4,017-byte object is 5 chunks
+    uploader = ArchiveStore.open("objects", tmp_path, tmp_path / "a", 2)
+    study = optuna.create_study()
+    trial = study.ask()
+    data = os.urandom(size)
+    uploader.upload(trial, _cached(uploader, trial.number, data))
+    fetcher = ArchiveStore.open("objects", tmp_path, tmp_path / "b", 2)
+    path = fetcher.local_member(trial.number, study.trials[0].user_attrs, evicted=lambda: False)
+    assert path.read_bytes() == data and fetcher.traffic.misses == 1
+    (tmp_path / "b" / "archive" / path.name).unlink()
+    fetcher.lru.clear()
+    bad = {**study.trials[0].user_attrs[TRIAL_ATTR], "sha256": hashlib.sha256(b"x").hexdigest()}
+    with pytest.raises(M2N2Error, match="is damaged"):
+        fetcher.local_member(trial.number, {TRIAL_ATTR: bad}, evicted=lambda: False)

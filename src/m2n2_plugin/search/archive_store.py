@@ -357,7 +357,13 @@ class ArchiveStore:
         return path
 
     def download(self, artifact_id: str, dest: Path) -> str:
-        """Copy an object to ``dest``; returns its sha256 (hashed as it streams)."""
+        """Copy an object to ``dest``; returns its sha256 (hashed as it streams).
+
+        Each chunk is hashed in a second thread while the next one is read and this one
+        written (hashlib, reads and writes release the GIL): one thread doing all three
+        took 1.7-2.3 s per 538 MB from a folder store on a 2-core CPU, against 0.8-1.4 s
+        pipelined (copy alone 0.5 s, sha256 alone 0.5 s).
+        """
         digest = hashlib.sha256()
         try:
             reader = self.store.open_reader(artifact_id)
@@ -368,10 +374,18 @@ class ArchiveStore:
                 f"cannot read {artifact_id} from the archive store {self.url}: {first_line(exc)}"
             ) from exc
         try:
-            with dest.open("wb") as fh:
+            with (
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2n2-sha256") as pool,
+                dest.open("wb") as fh,
+            ):
+                hashed = None
                 while chunk := reader.read(CHUNK):
-                    digest.update(chunk)
+                    if hashed is not None:
+                        hashed.result()  # the digest takes chunks in order, one at a time
+                    hashed = pool.submit(digest.update, chunk)
                     fh.write(chunk)
+                if hashed is not None:
+                    hashed.result()
         finally:
             reader.close()
         return digest.hexdigest()
