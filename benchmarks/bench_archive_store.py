@@ -9,6 +9,9 @@ archive size) a fresh study and key prefix are used, and from each trial's user 
 * trial: mean seconds from the trial's start to its end (Optuna's datetimes);
 * fetch / upload: mean seconds per trial spent downloading parents (sha256 checked) and
   uploading admitted children (sha256 computed), and their sum as a share of the trial time;
+  with ``--upload while`` (``search.upload_while_scoring``) upload is the time the trial
+  waited for an upload that scoring did not cover, and "bg" the background save and upload
+  (every child's, kept or not); compare the trial times of ``after`` and ``while``;
 * evaluate: mean seconds of lm-eval scoring per trial, for scale;
 * hit rate: parents found in the worker's cache over all parent reads of children.
 
@@ -24,6 +27,11 @@ whose children are admitted at a long run's rate once the archive is full.
     python benchmarks/bench_archive_store.py --model small --cache 2 4 A
     python benchmarks/bench_archive_store.py --config examples/skills/evolve_ta.yml \
         --workers 1 --trials 60 --cache A --store folder
+    python benchmarks/bench_archive_store.py --config examples/skills/evolve_ta.yml \
+        --workers 1 --trials 80 --cache A --upload after while
+
+With one worker the settings run the same trials (same seed, same archive), so their trial
+times compare pair for pair; with several, the workers' interleaving differs between runs.
 """
 
 from __future__ import annotations
@@ -166,12 +174,19 @@ def user_config(path: Path) -> dict[str, Any]:
 
 
 def run_setting(
-    root: Path, args: argparse.Namespace, seeds: list[Path], tasks: Path, cache: int, label: str
+    root: Path,
+    args: argparse.Namespace,
+    seeds: list[Path],
+    tasks: Path,
+    cache: int,
+    label: str,
+    upload: str,
 ) -> dict[str, Any]:
-    """One study with the given cache size: W workers to ``--trials``; returns the figures."""
+    """One study with the given cache size and upload mode: W workers to ``--trials``;
+    returns the figures."""
     import optuna
 
-    name = f"cache{label}"
+    name = f"cache{label}-{upload}"
     (root / f"{name}.db").unlink(missing_ok=True)
     storage = f"sqlite:///{root / f'{name}.db'}"
     cfg = user_config(args.config) if args.config else bench_config(args, seeds, tasks)
@@ -184,6 +199,7 @@ def run_setting(
         if args.store == "s3"
         else str(root / f"store-{name}-{int(time.time())}"),
         "cache_size": cache,
+        "upload_while_scoring": upload == "while",
     }
     cfg["fitness"]["num_threads"] = max(1, (os.cpu_count() or 1) // args.workers)
     path = root / f"{name}.yml"
@@ -216,6 +232,8 @@ def run_setting(
                 "trial_s": (t.datetime_complete - t.datetime_start).total_seconds(),
                 "fetch_s": traffic.get("fetch_s", 0.0),
                 "upload_s": traffic.get("upload_s", 0.0),
+                "background_s": traffic.get("background_s", 0.0),
+                "dropped": traffic.get("dropped", 0),
                 "evaluate_s": timing.get("evaluate", 0.0),
                 "admitted": int(traffic.get("uploaded_bytes", 0) > 0),
                 "hits": traffic.get("hits", 0),
@@ -229,10 +247,13 @@ def run_setting(
     reads = total.get("hits", 0) + total.get("misses", 0)
     return {
         "cache": label,
+        "upload": upload,
         "children": len(rows),
         "trial_s": total.get("trial_s", 0) / n,
         "fetch_s": total.get("fetch_s", 0) / n,
         "upload_s": total.get("upload_s", 0) / n,
+        "background_s": total.get("background_s", 0) / n,
+        "dropped": total.get("dropped", 0) / n,
         "evaluate_s": total.get("evaluate_s", 0) / n,
         "store_share": (total.get("fetch_s", 0) + total.get("upload_s", 0))
         / max(total.get("trial_s", 0), 1e-9),
@@ -263,6 +284,14 @@ def main() -> None:
         type=Path,
         help="measure on this m2n2 evolve config (its seeds, fitness and archive size) instead of "
         "the built-in setting; e.g. examples/skills/evolve_ta.yml",
+    )
+    p.add_argument(
+        "--upload",
+        nargs="+",
+        choices=("after", "while"),
+        default=["after"],
+        help="when a child is uploaded: after it is scored and kept (default), or while it is "
+        "scored (search.upload_while_scoring)",
     )
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
@@ -310,20 +339,40 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f}"
     )
     results = []
-    head = f"{'cache':>5} {'kids':>4} {'trial s':>8} {'eval s':>7} {'fetch s':>8} {'upload s':>8}"
-    print(f"{head} {'store %':>7} {'hit rate':>8} {'admit':>5} {'up/adm s':>8}")
+    head = f"{'cache':>6} {'upload':>6} {'kids':>4} {'trial s':>8} {'eval s':>7} {'fetch s':>8}"
+    print(
+        f"{head} {'upload s':>8} {'store %':>7} {'bg s':>6} {'hit rate':>8} {'admit':>5} "
+        f"{'up/adm s':>8}"
+    )
     try:
         for label in args.cache:
-            cache = args.archive_size if label == "A" else int(label)
-            r = run_setting(root, args, seeds, tasks, cache, f"{cache}")
-            r["cache"] = f"{cache}{' (A)' if label == 'A' else ''}"
-            results.append(r)
-            print(
-                f"{r['cache']:>5} {r['children']:>4} {r['trial_s']:>8.2f} {r['evaluate_s']:>7.2f} "
-                f"{r['fetch_s']:>8.3f} {r['upload_s']:>8.3f} {100 * r['store_share']:>6.1f}% "
-                f"{r['hit_rate']:>8.2f} {r['admitted']:>5.2f} {r['upload_s_per_admitted']:>8.2f}",
-                flush=True,
-            )
+            for upload in args.upload:
+                cache = args.archive_size if label == "A" else int(label)
+                r = run_setting(root, args, seeds, tasks, cache, f"{cache}", upload)
+                r["cache"] = f"{cache}{' (A)' if label == 'A' else ''}"
+                results.append(r)
+                print(
+                    f"{r['cache']:>6} {upload:>6} {r['children']:>4} {r['trial_s']:>8.2f} "
+                    f"{r['evaluate_s']:>7.2f} {r['fetch_s']:>8.3f} {r['upload_s']:>8.3f} "
+                    f"{100 * r['store_share']:>6.1f}% {r['background_s']:>6.2f} "
+                    f"{r['hit_rate']:>8.2f} {r['admitted']:>5.2f} "
+                    f"{r['upload_s_per_admitted']:>8.2f}",
+                    flush=True,
+                )
+        if len(args.upload) == 2:
+            for label in args.cache:
+                pair = [
+                    r
+                    for r in results
+                    if r["cache"].split()[0] == str(args.archive_size if label == "A" else label)
+                ]
+                after, during = (
+                    next(r for r in pair if r["upload"] == u) for u in ("after", "while")
+                )
+                print(
+                    f"cache {after['cache']}: trial time while / after "
+                    f"{during['trial_s'] / after['trial_s']:.3f}"
+                )
     finally:
         server.stop()
     if args.json:

@@ -14,7 +14,9 @@ two optional test aids:
   ``kill -9`` the process right there. ``merge``: the child is merged, not yet evaluated;
   ``evaluate``: lm-eval has scored a chunk of documents; ``save``: half of the child's
   safetensors temp file is on disk; ``saved``: the child's file is complete, the trial not;
-  ``uploaded``: the child is in the archive store (``search.archive_store``), the trial not.
+  ``uploading``: the child's upload to the archive store (``search.archive_store``) has
+  begun (the object holds its first KiB), the trial not; ``uploaded``: the child is in the
+  archive store, the trial not.
 
 The second form is a plain Optuna study with M2N2Sampler and the hub tests' toy objective.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import io
 import json
 import os
 import signal
@@ -105,14 +108,26 @@ def _install_pause(args: argparse.Namespace) -> None:
     resident.save_child = saved  # type: ignore[assignment]
 
     from m2n2_plugin.search.archive_store import ArchiveStore
+    from m2n2_plugin.search.archive_store import MemberStore
 
-    upload = ArchiveStore.upload
+    write = MemberStore.write
+
+    def uploading(self: MemberStore, artifact_id: str, body: Any) -> None:
+        if args.pause_at == "uploading" and not _STATE["paused"]:
+            if _STATE["trial"] >= args.from_trial:
+                write(self, artifact_id, io.BytesIO(body.read(1 << 10)))  # an object begun
+                _pause_here(args, "uploading")
+        write(self, artifact_id, body)
+
+    MemberStore.write = uploading  # type: ignore[method-assign]
+
+    kept = ArchiveStore.kept  # after the upload, in the background or not
 
     def uploaded(self: ArchiveStore, *a: Any, **kw: Any) -> None:
-        upload(self, *a, **kw)
+        kept(self, *a, **kw)
         _pause_here(args, "uploaded")
 
-    ArchiveStore.upload = uploaded  # type: ignore[method-assign]
+    ArchiveStore.kept = uploaded  # type: ignore[method-assign]
 
 
 def _barrier(folder: str, n: int) -> None:
@@ -152,7 +167,9 @@ def main(argv: list[str]) -> int:
     split = argv.index("--")
     parser = argparse.ArgumentParser()
     parser.add_argument("--barrier", nargs=2, metavar=("DIR", "N"))
-    parser.add_argument("--pause-at", choices=("merge", "evaluate", "save", "saved", "uploaded"))
+    parser.add_argument(
+        "--pause-at", choices=("merge", "evaluate", "save", "saved", "uploading", "uploaded")
+    )
     parser.add_argument("--from-trial", type=int, default=0)
     parser.add_argument("--signal")
     args = parser.parse_args(argv[:split])

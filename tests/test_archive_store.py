@@ -36,6 +36,7 @@ from m2n2_plugin.cli import main as m2n2_main
 from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.search.archive_store import TRAFFIC_ATTR
 from m2n2_plugin.search.archive_store import TRIAL_ATTR
+from m2n2_plugin.search.archive_store import trial_objects
 
 ARCHIVE_SIZE = 3  # as many slots as seeds: every child competes
 CACHE_SIZE = 2  # below archive_size: members are fetched, cached and evicted
@@ -172,21 +173,33 @@ def _dashboard_get(storage: str, url: str, study: optuna.Study, trial: Any) -> b
 
 
 @pytest.mark.slow  # subprocesses: see pyproject's markers
-@pytest.mark.parametrize("kind", ["s3", "folder"])
+@pytest.mark.parametrize(
+    ("kind", "while_scoring", "phase"),
+    [
+        ("s3", False, "uploaded"),
+        ("folder", False, "uploaded"),
+        ("s3", True, "uploading"),
+        ("folder", True, "uploading"),
+    ],
+)
 def test_workers_on_two_machines_killed_and_resumed_from_the_store(
-    kind: str, workspace: Path, request: pytest.FixtureRequest
+    kind: str, while_scoring: bool, phase: str, workspace: Path, request: pytest.FixtureRequest
 ) -> None:
     """Two workers, two output folders, one study; one killed with SIGKILL right after it
-    uploaded a child; a third run from an empty folder resumes from the study and the store."""
+    uploaded a child (or mid-upload); a third run from an empty folder resumes from the study
+    and the store. With ``upload_while_scoring`` children not kept were uploaded too: none
+    may be left."""
     s3_client = request.getfixturevalue("s3") if kind == "s3" else None
-    name = f"two-{kind}"
+    name = f"two-{kind}" + ("-early" if while_scoring else "")
     url = _store_url(kind, workspace, name)
     storage = f"sqlite:///{workspace / f'{name}.db'}"
-    cfg = _config(workspace, name, url, storage, cache_size=CACHE_SIZE)
+    cfg = _config(
+        workspace, name, url, storage, cache_size=CACHE_SIZE, upload_while_scoring=while_scoring
+    )
     sig = workspace / f"{name}.signal"
     barrier = workspace / f"barrier-{name}"
     outs = [workspace / f"out-{name}-{i}" for i in range(3)]
-    pause = ("--pause-at", "uploaded", "--from-trial", "3", "--signal", str(sig))
+    pause = ("--pause-at", phase, "--from-trial", "3", "--signal", str(sig))
     procs = [
         subprocess.Popen(
             worker_cmd(
@@ -211,6 +224,10 @@ def test_workers_on_two_machines_killed_and_resumed_from_the_store(
     info = json.loads(sig.read_text())
     os.kill(procs[1].pid, signal.SIGKILL)
     procs[1].wait(timeout=30)
+    # What the kill left: the trial's object (whole, or begun), and the trial knows its id.
+    killed = optuna.load_study(study_name="m2n2", storage=storage).trials[info["trial"]]
+    begun = trial_objects(killed, optuna.storages.get_storage(storage))
+    assert len(begun) == 1 and begun[0] in _objects(kind, url, s3_client)
     output = procs[0].communicate(timeout=300)[0]
     assert procs[0].returncode == 0, output[-3000:]
 
@@ -218,8 +235,8 @@ def test_workers_on_two_machines_killed_and_resumed_from_the_store(
     dead = study.trials[info["trial"]]
     # The killed trial uploaded its child: the object was there; the trial never completed.
     assert dead.state in (TrialState.RUNNING, TrialState.FAIL)
-    dead_ids = [m.artifact_id for m in get_all_artifact_meta(dead, storage=study._storage)]
-    assert len(dead_ids) == 1
+    dead_ids = trial_objects(dead, study._storage)
+    assert dead_ids == begun
 
     # A third worker on a machine of its own: empty folder, the same config.
     time.sleep(2 * HEARTBEAT + 1)
@@ -248,6 +265,10 @@ def test_workers_on_two_machines_killed_and_resumed_from_the_store(
     # The store's traffic was recorded and the cache was used both ways.
     traffic = [t.user_attrs[TRAFFIC_ATTR] for t in study.trials if TRAFFIC_ATTR in t.user_attrs]
     assert sum(t["misses"] for t in traffic) > 0 and sum(t["uploaded_bytes"] for t in traffic) > 0
+    background = sum(t["background_s"] for t in traffic)
+    assert (background > 0) == while_scoring
+    if while_scoring:  # some children were not kept; their uploads were dropped (and removed)
+        assert sum(t["dropped"] for t in traffic) > 0
 
 
 def test_damaged_and_missing_artifacts_are_one_line(
@@ -327,16 +348,28 @@ def test_a_store_changes_where_members_live_not_the_search(
     from m2n2_plugin.search.evolve import evolve
 
     runs = {}
-    for name, url in (("plain", None), ("stored", str(workspace / "store-same"))):
-        cfg = _config(workspace, f"same-{name}", url, None, n_trials=10)
+    early = {"upload_while_scoring": True}
+    for name, url, search in (
+        ("plain", None, {}),
+        ("stored", str(workspace / "store-same"), {}),
+        ("early", str(workspace / "store-same-early"), early),
+    ):
+        cfg = _config(workspace, f"same-{name}", url, None, n_trials=10, **search)
         runs[name] = evolve(cfg, progress=False)
-    plain, stored = (runs[k].study.trials for k in ("plain", "stored"))
-    assert [(t.state, t.params, t.values) for t in plain] == [
-        (t.state, t.params, t.values) for t in stored
-    ]
+    plain = runs["plain"].study.trials
+    for name in ("stored", "early"):
+        trials = runs[name].study.trials
+        assert [(t.state, t.params, t.values) for t in plain] == [
+            (t.state, t.params, t.values) for t in trials
+        ]
     out = {k: workspace / f"out-same-{k}" for k in runs}
     best = {k: (out[k] / "best" / "model.safetensors").read_bytes() for k in runs}
-    assert best["plain"] == best["stored"]
+    assert best["plain"] == best["stored"] == best["early"]
+    # Uploaded while scored: the kept children's objects are exactly the members'.
+    folder = workspace / "store-same-early"
+    check_store(runs["early"].study, {p.name: p.read_bytes() for p in folder.iterdir()})
+    traffic = [t.user_attrs[TRAFFIC_ATTR] for t in runs["early"].study.trials[3:]]
+    assert sum(t["dropped"] for t in traffic) > 0, "no child was dropped: nothing tested"
     assert any("m2n2.parents" in t.user_attrs for t in plain)
     assert "m2n2.archive_store" not in runs["plain"].study.user_attrs
     for t in plain:
@@ -356,8 +389,8 @@ def test_a_store_changes_where_members_live_not_the_search(
 
 
 def test_store_settings_are_checked_in_one_line(tmp_path: Path) -> None:
-    """cache_size needs a store; a URL of another scheme is refused; a relative folder is
-    the config file's folder's, created on first use."""
+    """cache_size and upload_while_scoring need a store; a URL of another scheme is
+    refused; a relative folder is the config file's folder's, created on first use."""
     from m2n2_plugin.errors import M2N2Error
     from m2n2_plugin.search.archive_store import ArchiveStore
     from m2n2_plugin.search.config import parse_config
@@ -366,6 +399,8 @@ def test_store_settings_are_checked_in_one_line(tmp_path: Path) -> None:
     base["fitness"]["fitness_docs"] = 5
     with pytest.raises(M2N2Error, match=r"search\.cache_size: .*only used with archive_store"):
         parse_config({**base, "search": {"cache_size": 4}}, tmp_path)
+    with pytest.raises(M2N2Error, match=r"upload_while_scoring: .*only used with archive_store"):
+        parse_config({**base, "search": {"upload_while_scoring": True}}, tmp_path)
     with pytest.raises(M2N2Error, match=r"expected a folder, s3://bucket/prefix or gs://"):
         ArchiveStore.open("ftp://host/x", tmp_path, tmp_path / "out", 2)
     store = ArchiveStore.open("members", tmp_path, tmp_path / "out", 2)
@@ -457,3 +492,58 @@ def test_fetch_hashes_every_chunk_in_order(
     bad = {**study.trials[0].user_attrs[TRIAL_ATTR], "sha256": hashlib.sha256(b"x").hexdigest()}
     with pytest.raises(M2N2Error, match="is damaged"):
         fetcher.local_member(trial.number, {TRIAL_ATTR: bad}, evicted=lambda: False)
+
+
+def test_upload_while_scoring_keeps_or_drops_a_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child uploaded while it is scored: kept, it is the trial's one object and in the
+    cache; not kept, its object is removed, also when the drop comes mid-transfer (the
+    transfer stops at its next read), and no temp file is left."""
+    from m2n2_plugin.search.archive_store import ArchiveStore
+    from m2n2_plugin.search.workers import member_file
+
+    out = tmp_path / "out"
+    store = ArchiveStore.open("objects", tmp_path, out, 2)
+    objects = tmp_path / "objects"
+    study = optuna.create_study()
+    kept, dropped, cut = study.ask(), study.ask(), study.ask()
+    data = os.urandom(3 << 20)
+
+    def save(path: Path) -> None:
+        path.write_bytes(data)
+
+    pending = store.upload_early(kept, save)
+    pending.keep(member_file(out, kept.number), None)
+    meta = study.trials[kept.number].user_attrs[TRIAL_ATTR]
+    assert (objects / meta["id"]).read_bytes() == data
+    assert meta["sha256"] == hashlib.sha256(data).hexdigest()
+    assert member_file(out, kept.number).read_bytes() == data and kept.number in store.lru
+    assert store.traffic.background_s > 0 and store.traffic.dropped == 0
+
+    pending = store.upload_early(dropped, save)
+    pending.thread.join()  # uploaded in full before the verdict
+    (written,) = get_all_artifact_meta(dropped)
+    assert (objects / written.artifact_id).is_file()
+    pending.drop()
+    pending.drop()  # a second drop (the trial's error path after keep failed) is harmless
+    assert not (objects / written.artifact_id).exists()
+    assert store.traffic.dropped == 1
+    assert study.trials[dropped.number].user_attrs[TRAFFIC_ATTR]["dropped"] == 1
+
+    reads: list[int] = []
+    write = store.store.write
+
+    def cut_short(artifact_id: str, body: Any) -> None:
+        reads.append(len(body.read(1 << 20)))
+        pending.stop.set()  # the verdict arrives mid-transfer
+        write(artifact_id, body)
+
+    monkeypatch.setattr(store.store, "write", cut_short)
+    pending = store.upload_early(cut, save)
+    pending.thread.join()
+    assert reads == [1 << 20] and pending.meta is None
+    assert type(pending.error).__name__ == "UploadStopped"
+    pending.drop()
+    assert sorted(p.name for p in objects.iterdir()) == [meta["id"]]
+    assert not list((out / "archive").glob(".tmp-*"))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -51,6 +52,8 @@ from m2n2_plugin.search.workers import member_file
 STUDY_ATTR = "m2n2.archive_store"
 #: Trial user attr of an uploaded member: ``{"id": artifact id, "sha256": hex digest}``.
 TRIAL_ATTR = "m2n2.artifact"
+#: Trial user attr: the id of the object this trial is writing or wrote (see _TrialUpload).
+UPLOADING_ATTR = "m2n2.uploading"
 #: Trial user attr: seconds and bytes of store traffic in this trial, and cache hits/misses.
 TRAFFIC_ATTR = "m2n2.store_traffic"
 #: Study system attr per trial whose objects were removed (value: their artifact ids).
@@ -58,6 +61,10 @@ REMOVED_PREFIX = "m2n2.store_removed:"
 #: Bytes read or hashed at a time.
 CHUNK = 8 << 20
 _MEMBER_NAME = re.compile(r"trial_(?P<number>\d+)\.safetensors")
+
+
+class UploadStopped(Exception):
+    """An upload cut short because its child is not kept (:class:`EarlyUpload`)."""
 
 
 def first_line(exc: BaseException) -> str:
@@ -193,6 +200,14 @@ def check_study(study: optuna.Study, store: ArchiveStore | None) -> None:
         )
 
 
+def trial_objects(frozen: optuna.trial.FrozenTrial, storage: Any) -> list[str]:
+    """The ids of every object a trial wrote or began to write: its artifacts, and the one
+    recorded before its upload began (a worker killed mid-upload has no artifact yet)."""
+    ids = [m.artifact_id for m in get_all_artifact_meta(frozen, storage=storage)]
+    started = frozen.user_attrs.get(UPLOADING_ATTR)
+    return ids + [started] if isinstance(started, str) and started not in ids else ids
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -205,12 +220,18 @@ def sha256_file(path: Path) -> str:
 class StoreTraffic:
     """One trial's store traffic (the trial's ``m2n2.store_traffic`` user attr)."""
 
+    #: Seconds the trial waited for its child's upload (with ``upload_while_scoring``, only
+    #: what scoring did not already cover).
     upload_s: float = 0.0
     fetch_s: float = 0.0
     uploaded_bytes: int = 0
     fetched_bytes: int = 0
     hits: int = 0
     misses: int = 0
+    #: ``upload_while_scoring``: seconds the background save and upload took in all.
+    background_s: float = 0.0
+    #: ``upload_while_scoring``: 1 when the child was not kept and its upload was dropped.
+    dropped: int = 0
 
 
 class ArchiveStore:
@@ -272,14 +293,23 @@ class ArchiveStore:
     def upload(self, trial: optuna.Trial, path: Path, displaced: int | None = None) -> None:
         """Upload the child just saved at ``path`` (in the cache) as its trial's artifact.
 
-        ``upload_artifact`` records the artifact in the trial's system attrs before it writes
-        the object, so a worker killed in between leaves a record that ``sync`` cleans up.
         The child stays in this worker's cache (it is the likeliest next parent here); if the
         cache is then over ``cache_size``, the copy of ``displaced`` -- the member whose slot
         the child takes -- goes first: it leaves the archive when the fold passes this trial,
         while the least recently used copy is usually a member that would be fetched again.
         """
         t0 = time.perf_counter()
+        meta = self.transfer(trial, path)
+        self.kept(trial, meta, path, displaced, time.perf_counter() - t0)
+
+    def transfer(
+        self, trial: optuna.Trial, path: Path, stop: threading.Event | None = None
+    ) -> dict[str, str]:
+        """Upload ``path`` as ``trial``'s artifact; returns its :data:`TRIAL_ATTR` record.
+
+        ``stop``: once set, the transfer ends at its next read (:class:`EarlyUpload`).
+        """
+        store = _TrialUpload(self.store, trial, stop)
         # The sha256 is computed in a second thread while the file is uploaded (both read it
         # from the page cache; hashlib and the transfer release the GIL): hashed first, its
         # ~0.9 s per 538 MB on a 2-core CPU would be added to every upload.
@@ -287,20 +317,37 @@ class ArchiveStore:
             hashing = pool.submit(sha256_file, path)
             try:
                 artifact_id = upload_artifact(
-                    artifact_store=self.store, file_path=str(path), study_or_trial=trial
+                    artifact_store=store, file_path=str(path), study_or_trial=trial
                 )
+            except UploadStopped:
+                raise
             except Exception as exc:
                 raise M2N2Error(
                     f"trial {trial.number}: cannot upload its weights to the archive store "
                     f"{self.url}: {first_line(exc)}"
                 ) from exc
-            digest = hashing.result()
-        trial.set_user_attr(TRIAL_ATTR, {"id": artifact_id, "sha256": digest})
-        self.traffic.upload_s += time.perf_counter() - t0
+            return {"id": artifact_id, "sha256": hashing.result()}
+
+    def kept(
+        self,
+        trial: optuna.Trial,
+        meta: dict[str, str],
+        path: Path,
+        displaced: int | None,
+        waited_s: float,
+    ) -> None:
+        """The child at ``path`` is uploaded and kept: record it, cache it, evict if over."""
+        trial.set_user_attr(TRIAL_ATTR, meta)
+        self.traffic.upload_s += waited_s
         self.traffic.uploaded_bytes += path.stat().st_size
         self.lru[trial.number] = None
         self.lru.move_to_end(trial.number)
         self.evict(protect={trial.number}, first=displaced)
+
+    def upload_early(self, trial: optuna.Trial, save: Callable[[Path], None]) -> EarlyUpload:
+        """Save and upload the child in the background while it is scored (see
+        :class:`EarlyUpload`); ``save(path)`` writes the child's file."""
+        return EarlyUpload(self, trial, save)
 
     def local_member(
         self, number: int, attrs: dict[str, Any], evicted: Callable[[], bool]
@@ -486,6 +533,136 @@ class ArchiveStore:
     def note(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         """Remember a finished trial's artifacts (any it has) until they are removed."""
         assert self.live is not None
-        ids = [m.artifact_id for m in get_all_artifact_meta(frozen, storage=study._storage)]
+        ids = trial_objects(frozen, study._storage)
         if ids:
             self.live[frozen.number] = ids
+
+
+class _TrialUpload:
+    """The artifact-store protocol for one trial's upload: records the object's id in the
+    trial (user attr :data:`UPLOADING_ATTR`) before its first byte is written.
+
+    ``upload_artifact`` records an artifact in the trial only after writing it (Optuna 5.1),
+    so a worker killed mid-upload would leave an object nobody knows of; with this record
+    ``sync`` removes it like any other object of a failed trial. ``stop``: once set, the
+    write ends at its next read of the file (boto3 reads a part at a time and aborts its
+    multipart upload on the error; a folder store's copy ends mid-file).
+    """
+
+    def __init__(
+        self, store: MemberStore, trial: optuna.Trial, stop: threading.Event | None
+    ) -> None:
+        self.store = store
+        self.trial = trial
+        self.stop = stop
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        self.trial.set_user_attr(UPLOADING_ATTR, artifact_id)
+        body = content_body if self.stop is None else _StoppableReader(content_body, self.stop)
+        self.store.write(artifact_id, body)
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        return self.store.open_reader(artifact_id)
+
+    def remove(self, artifact_id: str) -> None:
+        self.store.remove(artifact_id)
+
+
+class _StoppableReader:
+    """``body`` with a ``read`` that raises :class:`UploadStopped` once ``stop`` is set."""
+
+    def __init__(self, body: BinaryIO, stop: threading.Event) -> None:
+        self.body = body
+        self.stop = stop
+
+    def read(self, size: int = -1) -> bytes:
+        if self.stop.is_set():
+            raise UploadStopped("the child is not kept")
+        return self.body.read(size)
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell, seekable, readable, close
+        return getattr(self.body, name)
+
+
+class EarlyUpload:
+    """A child saved and uploaded while it is still being scored (``upload_while_scoring``).
+
+    Whether a child is kept is known only once it is scored; uploaded then, its whole upload
+    is added to the trial. Started as scoring starts, it overlaps it: on a GPU the CPU, the
+    disk and the network are idle while the model is scored. The trial still ends only once
+    its object is in the store (:meth:`keep`) or gone (:meth:`drop`), so every COMPLETE
+    member has its object, as with :meth:`ArchiveStore.upload`. The price: a child that is
+    not kept was saved and (partly) uploaded for nothing. Its artifact stays listed in the
+    trial's artifacts (``upload_artifact`` records it before writing), like an evicted
+    member's.
+    """
+
+    def __init__(self, archive: ArchiveStore, trial: optuna.Trial, save: Callable[[Path], None]):
+        self.archive = archive
+        self.trial = trial
+        self.save = save
+        self.stop = threading.Event()
+        # The temp name is the one workers.sync_files cleans up after a kill.
+        folder = archive.out / "archive"
+        self.tmp = folder / f".tmp-trial_{trial.number}-{uuid.uuid4().hex}.safetensors"
+        self.meta: dict[str, str] | None = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.done = False
+        self.thread = threading.Thread(target=self._run, name="m2n2-upload", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.tmp.parent.mkdir(parents=True, exist_ok=True)
+            self.save(self.tmp)
+            if not self.stop.is_set():
+                self.meta = self.archive.transfer(self.trial, self.tmp, self.stop)
+        except BaseException as exc:  # handed to keep(), or dropped with the child
+            self.error = exc
+        finally:
+            self.seconds = time.perf_counter() - t0
+
+    def keep(self, path: Path, displaced: int | None) -> None:
+        """The child is kept: wait for its upload, then move its file into the cache.
+
+        Raises what the save or the upload raised (the caller turns an OSError of the save
+        into its one line); the child is then dropped."""
+        t0 = time.perf_counter()
+        self.thread.join()
+        waited = time.perf_counter() - t0
+        if self.error is not None or self.meta is None:
+            error = self.error or M2N2Error(f"trial {self.trial.number}: upload stopped")
+            self.drop()
+            raise error
+        os.replace(self.tmp, path)
+        self.done = True
+        self.archive.traffic.background_s += self.seconds
+        self.archive.kept(self.trial, self.meta, path, displaced, waited)
+
+    def drop(self) -> None:
+        """The child is not kept (or its trial failed): stop, and remove what was written."""
+        if self.done:
+            return
+        self.done = True
+        self.stop.set()
+        self.thread.join()
+        self.tmp.unlink(missing_ok=True)
+        traffic = self.archive.traffic
+        traffic.background_s += self.seconds
+        traffic.dropped += 1
+        self.archive.record(self.trial)
+        # The one object this trial's upload wrote, whole or in part (_TrialUpload).
+        started = self.trial.user_attrs.get(UPLOADING_ATTR)
+        for artifact_id in [started] if started else []:
+            try:
+                self.archive.store.remove(artifact_id)
+            except ArtifactNotFound:
+                pass  # never written: stopped before its first byte
+            except Exception as exc:
+                raise M2N2Error(
+                    f"trial {self.trial.number}: cannot remove its unkept upload "
+                    f"{artifact_id} from the archive store {self.archive.url}: "
+                    f"{first_line(exc)}"
+                ) from exc

@@ -174,11 +174,14 @@ class SearchConfig(BaseModel):
     # With archive_store: how many members this worker keeps on its own disk (least recently
     # used evicted); unset: archive_size, the disk an output folder needs without a store.
     cache_size: int | None = Field(default=None, ge=2, le=MAX_ARCHIVE_SIZE)
+    # With archive_store: save and upload each child while it is scored, instead of after
+    # (a child not kept is then uploaded for nothing and removed); see archive_store.py.
+    upload_while_scoring: bool = False
 
-    @field_validator("cache_size")
+    @field_validator("cache_size", "upload_while_scoring")
     @classmethod
-    def _cache_needs_store(cls, v: int | None, info: ValidationInfo) -> int | None:
-        if v is not None and info.data.get("archive_store") is None:
+    def _cache_needs_store(cls, v: Any, info: ValidationInfo) -> Any:
+        if v not in (None, False) and info.data.get("archive_store") is None:
             raise ValueError("is only used with archive_store")
         return v
 

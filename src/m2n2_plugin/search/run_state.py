@@ -333,6 +333,7 @@ def fingerprint(cfg: EvolveConfig, seeds: list[Seed], fitness: DocSet) -> dict[s
             "seed_base_model",  # the seeds say it
             "archive_store",  # where members live, not what they are (archive_store.py)
             "cache_size",
+            "upload_while_scoring",
         }
     )
     # Options added later are left out at their defaults: studies made before them resume.

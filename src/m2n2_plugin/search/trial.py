@@ -17,6 +17,7 @@ What the run holds from one trial to the next is :class:`~m2n2_plugin.search.run
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,9 @@ from m2n2_plugin.search.run_state import TrialTiming
 from m2n2_plugin.search.run_state import write_error
 from m2n2_plugin.search.workers import fold_up_to
 from m2n2_plugin.search.workers import member_file
+
+if TYPE_CHECKING:
+    from m2n2_plugin.search.archive_store import EarlyUpload
 
 
 def checked_scores(number: int, scores: Any, n: int) -> np.ndarray:
@@ -110,45 +114,74 @@ class Run(RunState):
             if self.store is not None:  # the parents' fetches: kept, whatever comes next
                 self.store.record(trial)
 
-        t0 = time.perf_counter()
-        # Early rejection for children, and for seeds past the first archive_size: those find
-        # the archive full and enter only through the replacement rule, as a child does.
-        early = parents is not None or seed_index >= self.cfg.search.archive_size
+        # search.upload_while_scoring: the child's save and upload run while it is scored.
+        pending = None
+        if child is not None and self.store is not None and self.cfg.search.upload_while_scoring:
+            resident = child
+            pending = self.store.upload_early(trial, lambda p: save_child(self.model, resident, p))
         try:
-            if early and self.cfg.search.early_rejection:
-                scores = self.score_or_reject(trial)
-            else:
-                scores = self.fitness.score(self.lm, self.fitness_docs)
-        finally:
-            timing.evaluate = time.perf_counter() - t0
-            self.timings[trial.number] = timing
-
-        t0 = time.perf_counter()
-        # Scores first: they are validated there, so bad scores never lead to a saved file
-        # (and they count only once the trial is COMPLETE).
-        self.record_scores(trial, scores)
-        timing.sampler += time.perf_counter() - t0
-        if parents is not None:
+            # Early rejection for children, and for seeds past the first archive_size: those
+            # find the archive full and enter only through the replacement rule, as a child does.
+            early = parents is not None or seed_index >= self.cfg.search.archive_size
             t0 = time.perf_counter()
-            # Keep the child's weights only if the fold takes it in (exact with any number of
-            # workers); a child that is not kept never touches the disk. The file is in place
-            # before the trial is COMPLETE, so every member the fold admits has one.
-            keep, displaced = self.admit(trial, scores)
-            timing.wait = time.perf_counter() - t0
-            if keep and child is not None:
-                t0 = time.perf_counter()
-                path = member_file(self.out, trial.number)
-                try:
-                    save_child(self.model, child, path)
-                except OSError as exc:  # a full disk, a quota: the file was not written
-                    raise write_error(path, exc) from exc
-                timing.save = time.perf_counter() - t0
-                if self.store is not None:  # before COMPLETE, like the file (archive_store.py)
-                    self.store.upload(trial, path, displaced)
-                    self.store.record(trial)
+            try:
+                if early and self.cfg.search.early_rejection:
+                    scores = self.score_or_reject(trial)
+                else:
+                    scores = self.fitness.score(self.lm, self.fitness_docs)
+            finally:
+                timing.evaluate = time.perf_counter() - t0
+                self.timings[trial.number] = timing
+            t0 = time.perf_counter()
+            # Scores first: they are validated there, so bad scores never lead to a saved file
+            # (and they count only once the trial is COMPLETE).
+            self.record_scores(trial, scores)
+            timing.sampler += time.perf_counter() - t0
+            if parents is not None:
+                self.keep_child(trial, child, scores, timing, pending)
+        except BaseException:
+            if pending is not None:  # a failed or pruned trial keeps no child
+                pending.drop()
+            raise
         trial.set_user_attr("m2n2.docs_evaluated", len(scores))
         trial.set_user_attr("m2n2.timing", {k: round(v, 4) for k, v in vars(timing).items()})
         return float(scores.mean())
+
+    def keep_child(
+        self,
+        trial: optuna.Trial,
+        child: Any,
+        scores: np.ndarray,
+        timing: TrialTiming,
+        pending: EarlyUpload | None,
+    ) -> None:
+        """Keep the child's weights only if the fold takes it in (exact with any number of
+        workers); a child that is not kept never touches the disk (or, uploaded while it was
+        scored, is removed again). The file -- and with a store, its object -- is in place
+        before the trial is COMPLETE, so every member the fold admits has one."""
+        from m2n2_plugin.merge.resident import save_child
+
+        t0 = time.perf_counter()
+        keep, displaced = self.admit(trial, scores)
+        timing.wait = time.perf_counter() - t0
+        if not keep or child is None:
+            if pending is not None:
+                pending.drop()
+            return
+        path = member_file(self.out, trial.number)
+        t0 = time.perf_counter()
+        try:
+            if pending is not None:  # saved and uploaded already, or finishing
+                pending.keep(path, displaced)
+            else:
+                save_child(self.model, child, path)
+        except OSError as exc:  # a full disk, a quota: the file was not written
+            raise write_error(path, exc) from exc
+        timing.save = time.perf_counter() - t0
+        if self.store is not None:  # before COMPLETE, like the file (archive_store.py)
+            if pending is None:
+                self.store.upload(trial, path, displaced)
+            self.store.record(trial)
 
     def record_scores(self, trial: optuna.Trial, scores: np.ndarray) -> None:
         """Hand the scores to the sampler; a bad vector is a one-line error, not a traceback."""
