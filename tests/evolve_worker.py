@@ -108,7 +108,7 @@ def _install_pause(args: argparse.Namespace) -> None:
     resident.save_child = saved  # type: ignore[assignment]
 
     from m2n2_plugin.search.archive_store import ArchiveStore
-    from m2n2_plugin.search.archive_store import MemberStore
+    from m2n2_plugin.search.member_store import MemberStore
 
     write = MemberStore.write
 

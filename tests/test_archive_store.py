@@ -36,7 +36,7 @@ from m2n2_plugin.cli import main as m2n2_main
 from m2n2_plugin.errors import M2N2Error
 from m2n2_plugin.search.archive_store import TRAFFIC_ATTR
 from m2n2_plugin.search.archive_store import TRIAL_ATTR
-from m2n2_plugin.search.archive_store import trial_objects
+from m2n2_plugin.search.member_store import trial_objects
 
 ARCHIVE_SIZE = 3  # as many slots as seeds: every child competes
 CACHE_SIZE = 2  # below archive_size: members are fetched, cached and evicted
@@ -158,7 +158,7 @@ def _dashboard_get(storage: str, url: str, study: optuna.Study, trial: Any) -> b
 
     from optuna_dashboard import wsgi
 
-    from m2n2_plugin.search.archive_store import artifact_store
+    from m2n2_plugin.search.member_store import artifact_store
 
     app = wsgi(storage, artifact_store=artifact_store(url))
     artifact_id = trial.user_attrs[TRIAL_ATTR]["id"]

@@ -10,6 +10,9 @@ cache of members (same file names, same clean-up by ``workers.sync_files``).
   trial (``optuna.artifacts.upload_artifact``), its id and sha256 in the trial's user attr
   ``m2n2.artifact`` -- all before the objective returns, so every COMPLETE member has its
   object, as it had its file.
+* Upload while scoring (:class:`EarlyUpload`, ``search.upload_while_scoring``): the child is
+  saved and uploaded in a second thread as its scoring starts; kept, the trial waits for what
+  is left of it; not kept, the object is removed. Same guarantees, the upload overlapped.
 * Fetch (:meth:`ArchiveStore.local_member`): a parent not in the cache is downloaded, checked
   against its sha256 and kept; past ``cache_size`` members the least recently used copy is
   deleted (it can be fetched again).
@@ -19,7 +22,8 @@ cache of members (same file names, same clean-up by ``workers.sync_files``).
   killed worker uploaded for a trial that was then failed. Each removal is recorded in the
   study (system attr ``m2n2.store_removed:<trial>``), so a restarted worker does not redo it.
 
-The store is named by a URL (:func:`artifact_store`), which also opens it for optuna-dashboard.
+The store itself -- a URL opened as an Optuna artifact store, one trial's upload into it -- is
+:mod:`m2n2_plugin.search.member_store`.
 """
 
 from __future__ import annotations
@@ -36,15 +40,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from typing import BinaryIO
 
 import optuna
-from optuna.artifacts import FileSystemArtifactStore
-from optuna.artifacts import get_all_artifact_meta
 from optuna.artifacts import upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from m2n2_plugin.errors import M2N2Error
+from m2n2_plugin.search.member_store import CHUNK
+from m2n2_plugin.search.member_store import UPLOADING_ATTR
+from m2n2_plugin.search.member_store import MemberStore
+from m2n2_plugin.search.member_store import TrialUpload
+from m2n2_plugin.search.member_store import UploadStopped
+from m2n2_plugin.search.member_store import artifact_store
+from m2n2_plugin.search.member_store import first_line
+from m2n2_plugin.search.member_store import sha256_file
+from m2n2_plugin.search.member_store import trial_objects
 from m2n2_plugin.search.workers import MemberEvicted
 from m2n2_plugin.search.workers import member_file
 
@@ -52,134 +62,11 @@ from m2n2_plugin.search.workers import member_file
 STUDY_ATTR = "m2n2.archive_store"
 #: Trial user attr of an uploaded member: ``{"id": artifact id, "sha256": hex digest}``.
 TRIAL_ATTR = "m2n2.artifact"
-#: Trial user attr: the id of the object this trial is writing or wrote (see _TrialUpload).
-UPLOADING_ATTR = "m2n2.uploading"
 #: Trial user attr: seconds and bytes of store traffic in this trial, and cache hits/misses.
 TRAFFIC_ATTR = "m2n2.store_traffic"
 #: Study system attr per trial whose objects were removed (value: their artifact ids).
 REMOVED_PREFIX = "m2n2.store_removed:"
-#: Bytes read or hashed at a time.
-CHUNK = 8 << 20
 _MEMBER_NAME = re.compile(r"trial_(?P<number>\d+)\.safetensors")
-
-
-class UploadStopped(Exception):
-    """An upload cut short because its child is not kept (:class:`EarlyUpload`)."""
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-class MemberStore:
-    """An Optuna artifact store named by a URL, keys under the URL's prefix.
-
-    Implements Optuna's ``ArtifactStore`` protocol (``open_reader``, ``write``, ``remove``),
-    so ``upload_artifact`` and optuna-dashboard take it as they take Optuna's own stores;
-    Boto3ArtifactStore and GCSArtifactStore have no key prefix, hence this wrapper. Also
-    :meth:`check` (is the store there at all) and :meth:`exists`, which the protocol lacks.
-    """
-
-    def __init__(self, url: str, inner: Any, kind: str, prefix: str = "") -> None:
-        self.url = url
-        self.inner = inner
-        self.kind = kind
-        self.prefix = prefix
-
-    def key(self, artifact_id: str) -> str:
-        return self.prefix + artifact_id
-
-    def open_reader(self, artifact_id: str) -> BinaryIO:
-        return self.inner.open_reader(self.key(artifact_id))
-
-    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
-        self.inner.write(self.key(artifact_id), content_body)
-
-    def remove(self, artifact_id: str) -> None:
-        self.inner.remove(self.key(artifact_id))
-
-    def exists(self, artifact_id: str) -> bool:
-        """Whether the object is there (its metadata only: no download)."""
-        key = self.key(artifact_id)
-        if self.kind == "s3":
-            from botocore.exceptions import ClientError
-
-            try:
-                self.inner.client.head_object(Bucket=self.inner.bucket, Key=key)
-            except ClientError as exc:
-                if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                    return False
-                raise
-            return True
-        if self.kind == "gs":
-            return bool(self.inner.bucket_obj.blob(key).exists())
-        try:
-            self.inner.open_reader(key).close()
-        except ArtifactNotFound:
-            return False
-        return True
-
-    def check(self) -> None:
-        """Raise if the store cannot be used: no bucket, no credentials, no server, no folder."""
-        if self.kind == "s3":
-            self.inner.client.head_bucket(Bucket=self.inner.bucket)
-        elif self.kind == "gs":
-            self.inner.bucket_obj.reload()
-        else:
-            folder = Path(self.url)
-            folder.mkdir(parents=True, exist_ok=True)
-            if not os.access(folder, os.W_OK):
-                raise PermissionError(f"{folder} is not writable")
-
-
-def artifact_store(url: str, base_dir: Path | None = None) -> MemberStore:
-    """The store that ``search.archive_store: url`` names, not yet contacted.
-
-    ``s3://bucket/prefix``: boto3's S3 client, configured the usual boto3 way (endpoint from
-    ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` or ``~/.aws/config``, credentials from the
-    environment, ``~/.aws`` or an instance role), so MinIO and other S3-compatible stores work.
-    ``gs://bucket/prefix``: google-cloud-storage's default client. Anything else is a folder
-    (relative to ``base_dir``). Also what to hand optuna-dashboard::
-
-        optuna_dashboard.run_server(storage_url, artifact_store=artifact_store(url))
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        folder = Path(url).expanduser()
-        if not folder.is_absolute():
-            folder = (base_dir or Path.cwd()) / folder
-        return MemberStore(str(folder), FileSystemArtifactStore(folder), "folder")
-    bucket, _, prefix = rest.partition("/")
-    prefix = prefix.strip("/")
-    prefix = prefix + "/" if prefix else ""
-    if not bucket or scheme not in ("s3", "gs"):
-        raise M2N2Error(
-            f"search.archive_store {url!r}: expected a folder, s3://bucket/prefix or "
-            "gs://bucket/prefix"
-        )
-    if scheme == "s3":
-        try:
-            import boto3
-        except ImportError as exc:
-            raise M2N2Error(
-                f"search.archive_store {url!r} needs boto3: pip install 'm2n2-plugin[s3]'"
-            ) from exc
-        from optuna.artifacts import Boto3ArtifactStore
-
-        # avoid_buf_copy: stream the file; the default copies the whole model into memory.
-        inner: Any = Boto3ArtifactStore(bucket, boto3.client("s3"), avoid_buf_copy=True)
-        return MemberStore(url, inner, "s3", prefix)
-    try:
-        from google.cloud import storage as gcs
-    except ImportError as exc:
-        raise M2N2Error(
-            f"search.archive_store {url!r} needs google-cloud-storage: "
-            "pip install 'm2n2-plugin[gcs]'"
-        ) from exc
-    from optuna.artifacts import GCSArtifactStore
-
-    return MemberStore(url, GCSArtifactStore(bucket, gcs.Client()), "gs", prefix)
 
 
 def check_study(study: optuna.Study, store: ArchiveStore | None) -> None:
@@ -198,22 +85,6 @@ def check_study(study: optuna.Study, store: ArchiveStore | None) -> None:
             f"the study {study.study_name!r} keeps its archive members in the archive store "
             f"{used}; set search.archive_store to resume it"
         )
-
-
-def trial_objects(frozen: optuna.trial.FrozenTrial, storage: Any) -> list[str]:
-    """The ids of every object a trial wrote or began to write: its artifacts, and the one
-    recorded before its upload began (a worker killed mid-upload has no artifact yet)."""
-    ids = [m.artifact_id for m in get_all_artifact_meta(frozen, storage=storage)]
-    started = frozen.user_attrs.get(UPLOADING_ATTR)
-    return ids + [started] if isinstance(started, str) and started not in ids else ids
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -309,7 +180,7 @@ class ArchiveStore:
 
         ``stop``: once set, the transfer ends at its next read (:class:`EarlyUpload`).
         """
-        store = _TrialUpload(self.store, trial, stop)
+        store = TrialUpload(self.store, trial, stop)
         # The sha256 is computed in a second thread while the file is uploaded (both read it
         # from the page cache; hashlib and the transfer release the GIL): hashed first, its
         # ~0.9 s per 538 MB on a 2-core CPU would be added to every upload.
@@ -538,52 +409,6 @@ class ArchiveStore:
             self.live[frozen.number] = ids
 
 
-class _TrialUpload:
-    """The artifact-store protocol for one trial's upload: records the object's id in the
-    trial (user attr :data:`UPLOADING_ATTR`) before its first byte is written.
-
-    ``upload_artifact`` records an artifact in the trial only after writing it (Optuna 5.1),
-    so a worker killed mid-upload would leave an object nobody knows of; with this record
-    ``sync`` removes it like any other object of a failed trial. ``stop``: once set, the
-    write ends at its next read of the file (boto3 reads a part at a time and aborts its
-    multipart upload on the error; a folder store's copy ends mid-file).
-    """
-
-    def __init__(
-        self, store: MemberStore, trial: optuna.Trial, stop: threading.Event | None
-    ) -> None:
-        self.store = store
-        self.trial = trial
-        self.stop = stop
-
-    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
-        self.trial.set_user_attr(UPLOADING_ATTR, artifact_id)
-        body = content_body if self.stop is None else _StoppableReader(content_body, self.stop)
-        self.store.write(artifact_id, body)
-
-    def open_reader(self, artifact_id: str) -> BinaryIO:
-        return self.store.open_reader(artifact_id)
-
-    def remove(self, artifact_id: str) -> None:
-        self.store.remove(artifact_id)
-
-
-class _StoppableReader:
-    """``body`` with a ``read`` that raises :class:`UploadStopped` once ``stop`` is set."""
-
-    def __init__(self, body: BinaryIO, stop: threading.Event) -> None:
-        self.body = body
-        self.stop = stop
-
-    def read(self, size: int = -1) -> bytes:
-        if self.stop.is_set():
-            raise UploadStopped("the child is not kept")
-        return self.body.read(size)
-
-    def __getattr__(self, name: str) -> Any:  # seek, tell, seekable, readable, close
-        return getattr(self.body, name)
-
-
 class EarlyUpload:
     """A child saved and uploaded while it is still being scored (``upload_while_scoring``).
 
@@ -653,7 +478,7 @@ class EarlyUpload:
         traffic.background_s += self.seconds
         traffic.dropped += 1
         self.archive.record(self.trial)
-        # The one object this trial's upload wrote, whole or in part (_TrialUpload).
+        # The one object this trial's upload wrote, whole or in part (TrialUpload).
         started = self.trial.user_attrs.get(UPLOADING_ATTR)
         for artifact_id in [started] if started else []:
             try:
