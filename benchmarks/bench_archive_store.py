@@ -262,6 +262,8 @@ def run_setting(
         "upload_s_per_admitted": total.get("upload_s", 0) / max(total.get("admitted", 0), 1),
         "fetched_mb": total.get("fetched_mb", 0) / n,
         "uploaded_mb": total.get("uploaded_mb", 0) / n,
+        # In trial order: with one worker, ``after`` and ``while`` must score the same children.
+        "values": [t.value for t in study.trials if t.value is not None],
     }
 
 
@@ -369,9 +371,12 @@ def main() -> None:
                 after, during = (
                     next(r for r in pair if r["upload"] == u) for u in ("after", "while")
                 )
+                same = after["values"] == during["values"]
                 print(
                     f"cache {after['cache']}: trial time while / after "
-                    f"{during['trial_s'] / after['trial_s']:.3f}"
+                    f"{during['trial_s'] / after['trial_s']:.3f}; same trial values: "
+                    f"{'yes' if same else 'no'}"
+                    + ("" if same or args.workers == 1 else " (expected: workers interleave)")
                 )
     finally:
         server.stop()
