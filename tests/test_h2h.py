@@ -36,6 +36,14 @@ def test_a12_known_values() -> None:
     assert h2h.a12([1, 1], [1, 1]) == 0.5
     # (1 vs 1: half) (1 vs 3: 0) (2 vs 1: 1) (2 vs 3: 0) -> 1.5 / 4
     assert h2h.a12([1, 2], [1, 3]) == pytest.approx(0.375)
+    # Blocks: only runs of the same block meet. Block p: 5 beats 4; block q: 1 loses to 2.
+    # Pooled, 5 would also beat 2 and 1 lose to 4 (2 of 4 again), so pick a case where the
+    # answers differ: x = [5, 3] in blocks p, q and y = [4, 2] in p, q -> 1.0 within blocks,
+    # 0.75 pooled (3 vs 4 is a loss).
+    assert h2h.a12([5, 3], [4, 2], blocks=(["p", "q"], ["p", "q"])) == 1.0
+    assert h2h.a12([5, 3], [4, 2]) == 0.75
+    with pytest.raises(ValueError, match="both methods"):
+        h2h.a12([1], [2], blocks=(["p"], ["q"]))
 
 
 def test_bootstrap_difference_known_intervals() -> None:
@@ -67,6 +75,34 @@ def test_bootstrap_difference_known_intervals() -> None:
         h2h.bootstrap_difference(np.zeros((2, 3)), np.zeros((2, 4)))
 
 
+def test_bootstrap_difference_pairs_methods_within_blocks() -> None:
+    # Two trainings of the specialists, one much easier: block p scores 0.9 / 0.8 (a ahead by
+    # 0.1), block q 0.5 / 0.4 (a ahead by 0.1). Within blocks the difference is exactly 0.1
+    # in every resample. Pooled, with a's runs mostly in p and b's mostly in q, the difference
+    # would mix in the blocks' difficulty: (0.9 + 0.9 + 0.5) / 3 - (0.8 + 0.4 + 0.4) / 3 = 0.7 / 3.
+    docs = 40
+    a = np.array([[0.9] * docs, [0.9] * docs, [0.5] * docs])
+    b = np.array([[0.8] * docs, [0.4] * docs, [0.4] * docs])
+    blocks = (["p", "p", "q"], ["p", "q", "q"])
+    d = h2h.bootstrap_difference(a, b, iterations=1000, blocks=blocks)
+    assert d["blocks"] == 2
+    assert d["diff"] == pytest.approx(0.1)
+    assert d["low"] == pytest.approx(0.1) and d["high"] == pytest.approx(0.1)
+    assert h2h.bootstrap_difference(a, b, iterations=200)["diff"] == pytest.approx(0.7 / 3)
+    # Block differences of 0.0 and 0.2 (one run per method each, documents all alike): a
+    # resample of the 2 blocks gives 0.0, 0.1 or 0.2 (1/4, 1/2, 1/4): interval [0.0, 0.2].
+    a = np.array([[0.5] * docs, [0.7] * docs])
+    b = np.array([[0.5] * docs, [0.5] * docs])
+    d = h2h.bootstrap_difference(a, b, iterations=4000, blocks=(["p", "q"], ["p", "q"]))
+    assert d["diff"] == pytest.approx(0.1)
+    assert d["low"] == pytest.approx(0.0) and d["high"] == pytest.approx(0.2)
+    # A block with one method only cannot be compared: it is left out.
+    d = h2h.bootstrap_difference(a, b[:1], iterations=200, blocks=(["p", "q"], ["p"]))
+    assert d["blocks"] == 1 and d["diff"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="both methods"):
+        h2h.bootstrap_difference(a[:1], b[:1], blocks=(["p"], ["q"]))
+
+
 def test_mean_curve_and_documents_to_reach() -> None:
     curves = [[[10, 0.5], [20, 0.7], [30, 0.9]], [[10, 0.3], [25, 0.5]]]
     grid, mean, sd = h2h.mean_curve(curves)
@@ -82,7 +118,12 @@ def test_mean_curve_and_documents_to_reach() -> None:
 
 def test_compare_reports_fractions_of_the_other_methods_documents() -> None:
     def run(curve: list, docs: list[float]) -> dict:
-        return {"curve": curve, "docs": curve[-1][0], "heldout_scores": docs}
+        return {
+            "curve": curve,
+            "docs": curve[-1][0],
+            "heldout_scores": docs,
+            "specialists_sha256": ["a", "b"],
+        }
 
     fast = [run([[100, 0.8], [200, 0.9], [1000, 0.95]], [1.0, 1.0, 0.0, 1.0])] * 2
     slow = [run([[100, 0.5], [1000, 0.9]], [1.0, 0.0, 0.0, 1.0])] * 2
@@ -152,7 +193,7 @@ def test_miniature_head_to_head(tmp_path: Path) -> None:
     assert all(r["curve"][0][0] == 10 for r in cma)  # every CMA-ES trial scores all 10
     studies = [
         optuna.load_study(study_name="cma", storage=f"sqlite:///{run / 'study.db'}")
-        for run in sorted((tmp_path / "runs").glob("*/cma-default-s*"))
+        for run in sorted((tmp_path / "runs").glob("*/*/cma-default-s*"))
     ]
     assert studies[0].trials[0].params == studies[1].trials[0].params  # both start at x0
     assert studies[0].trials[1].params != studies[1].trials[1].params  # seeds differ after
@@ -160,7 +201,7 @@ def test_miniature_head_to_head(tmp_path: Path) -> None:
     assert (tmp_path / "results" / "mini.png").stat().st_size > 10_000
     assert "A12" in (tmp_path / "results" / "mini.md").read_text()
     # A finished M2N2 run keeps its best model, not its archive (disk: archive_size models).
-    for run in (tmp_path / "runs").glob("*/m2n2-default-s*"):
+    for run in (tmp_path / "runs").glob("*/*/m2n2-default-s*"):
         assert (run / "best" / "model.safetensors").is_file()
         assert not (run / "archive").exists() and not (run / "config_merge").exists()
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("result.json")}
@@ -176,26 +217,30 @@ def test_miniature_head_to_head(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "results" / "mini.json").read_text())["runs"] == runs
 
 
-def test_restore_writes_back_only_runs_of_the_same_set_up(tmp_path: Path) -> None:
+def test_restore_writes_back_runs_of_the_same_set_up_into_their_blocks(tmp_path: Path) -> None:
     setup = {
         "name": "p",
         "pair": ["a", "b"],
-        "specialists_sha256": ["a", "b"],
         "tasks": ["t1", "t2"],
         "fitness_docs": 5,
         "heldout_docs": [5, 6],
         "budget_docs": 70,
     }
+    # The same seed on two trainings of the specialists (two machines): two blocks, two runs.
     run = {"method": "cma", "variant": "default", "search_seed": 3, "docs": 70}
+    runs = [{**run, "specialists_sha256": ["a", "b"]}, {**run, "specialists_sha256": ["c", "d"]}]
     record = {k: v for k, v in setup.items() if k not in ("name", "heldout_docs")}
-    record |= {"heldout_ids": [5, 6], "runs": [run]}
+    record |= {"heldout_ids": [5, 6], "runs": runs}
     results = tmp_path / "results"
     results.mkdir()
     (results / "p.json").write_text(json.dumps(record))
     other = {**setup, "budget_docs": 80}
     assert h2h.restore(other, tmp_path / "runs", results) == 0
     assert not (tmp_path / "runs").exists()
-    assert h2h.restore(setup, tmp_path / "runs", results) == 1
-    written = tmp_path / "runs" / "cma-default-s3" / "result.json"
-    assert json.loads(written.read_text()) == run
+    assert h2h.restore(setup, tmp_path / "runs", results) == 2
+    for r in runs:
+        block = h2h.block_of(r["specialists_sha256"])
+        written = tmp_path / "runs" / block / "cma-default-s3" / "result.json"
+        assert json.loads(written.read_text()) == r
+    assert h2h.block_of(["a", "b"]) != h2h.block_of(["c", "d"])
     assert h2h.restore(setup, tmp_path / "runs", results) == 0  # present: left alone

@@ -19,13 +19,17 @@ mergekit's merge of that config as seeds (``search.seed_config_merge``); CMA-ES
 Each run stops at the first trial that reaches ``--budget-docs`` (default: 120 evaluations
 of every fitness document), then its best model is scored on the held-out documents.
 
-Rerun the same command to resume: finished runs are kept (``runs/h2h/<tag>/<run>/result.json``),
-an interrupted run resumes its Optuna study. ``results/h2h/<A>_<B>.json`` (every run, with its
-curve and held-out scores per document), ``.md`` (table and statistics) and ``.png`` are
-rewritten after every finished run. The statistics (``compare``): the difference of the
+Rerun the same command to resume: finished runs are kept
+(``runs/h2h/<tag>/<block>/<run>/result.json``), an interrupted run resumes its Optuna study.
+A block is one training of the specialists: retrained on another CPU they are other models,
+so a new machine's runs go in a new block, and the statistics compare methods within blocks.
+``results/h2h/<A>_<B>.json`` (every run, with its curve and held-out scores per document),
+``.md`` (table and statistics) and ``.png`` are rewritten after every finished run. The statistics (``compare``): the difference of the
 across-seed means of the held-out mean with a bootstrap 95 % interval (seeds resampled per
-method, documents resampled inside, the same documents for both), Vargha-Delaney A12 over the
-seeds, and the documents each method's mean curve needs to reach the other's final fitness.
+method, documents resampled inside, the same documents for both; with several blocks, the
+mean over blocks of each block's difference, blocks resampled first), Vargha-Delaney A12 over
+the seeds (pairs within a block), and the documents each method's mean curve needs to reach the
+other's final fitness.
 """
 
 from __future__ import annotations
@@ -71,6 +75,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 METHODS = ("m2n2", "cma")
 #: One thread per run: two runs share two cores without oversubscribing them.
+#: What a block's runs share besides their paths (a moved folder is the same set-up).
+SETUP_KEYS = (
+    "tasks",
+    "metric",
+    "filter",
+    "fitness_docs",
+    "heldout_docs",
+    "budget_docs",
+    "cma_granularity",
+    "specialists_sha256",
+)
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
@@ -78,7 +93,11 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THRE
 
 
 def bootstrap_difference(
-    a: np.ndarray, b: np.ndarray, iterations: int = 10_000, seed: int = 0
+    a: np.ndarray,
+    b: np.ndarray,
+    iterations: int = 10_000,
+    seed: int = 0,
+    blocks: tuple[list[str], list[str]] | None = None,
 ) -> dict[str, float]:
     """Across-seed mean of ``a`` minus that of ``b`` and its bootstrap 95 % interval.
 
@@ -86,27 +105,52 @@ def bootstrap_difference(
     in the same order. Each iteration resamples each method's runs (search seeds) with
     replacement and, inside, one resample of the documents shared by both methods: the interval
     covers both how another search seed would land and how another draw of held-out documents
-    would, and pairing the documents keeps their shared difficulty out of it."""
+    would, and pairing the documents keeps their shared difficulty out of it.
+
+    ``blocks`` names each run's block (one training of the specialists, ``block_of``) for
+    ``a`` and for ``b``. Methods are compared inside a block, where they merged the same
+    models: the difference is the mean over blocks of each block's difference, and an
+    iteration resamples blocks first, then each drawn block's runs. A block with runs of one
+    method only is left out. Without ``blocks`` all runs are one block."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not len(a) or not len(b):
         raise ValueError("need (runs, documents) arrays over the same documents")
+    labels_a, labels_b = blocks or (["-"] * len(a), ["-"] * len(b))
+    pairs = [
+        (a[[x == k for x in labels_a]], b[[x == k for x in labels_b]])
+        for k in sorted(set(labels_a) & set(labels_b))
+    ]
+    if not pairs:
+        raise ValueError("no block has runs of both methods")
     rng = np.random.default_rng(seed)
     n_docs = a.shape[1]
     draws = np.empty(iterations)
     for i in range(iterations):
         docs = rng.integers(0, n_docs, n_docs)
-        ra = a[rng.integers(0, len(a), len(a))][:, docs]
-        rb = b[rng.integers(0, len(b), len(b))][:, docs]
-        draws[i] = ra.mean() - rb.mean()
+        drawn = rng.integers(0, len(pairs), len(pairs)) if len(pairs) > 1 else [0]
+        diffs = []
+        for k in drawn:
+            ra, rb = pairs[k]
+            ra = ra[rng.integers(0, len(ra), len(ra))][:, docs]
+            rb = rb[rng.integers(0, len(rb), len(rb))][:, docs]
+            diffs.append(ra.mean() - rb.mean())
+        draws[i] = np.mean(diffs)
     low, high = np.percentile(draws, [2.5, 97.5])
-    return {"diff": float(a.mean() - b.mean()), "low": float(low), "high": float(high)}
+    diff = np.mean([ra.mean() - rb.mean() for ra, rb in pairs])
+    return {"diff": float(diff), "low": float(low), "high": float(high), "blocks": len(pairs)}
 
 
-def a12(x: np.ndarray, y: np.ndarray) -> float:
+def a12(x: np.ndarray, y: np.ndarray, blocks: tuple[list[str], list[str]] | None = None) -> float:
     """Vargha-Delaney A12: the probability that a run of ``x`` scores above one of ``y``, ties
-    counting half (0.5: no difference; 0.71 or more is conventionally a large effect)."""
-    x, y = np.asarray(x, dtype=float)[:, None], np.asarray(y, dtype=float)[None, :]
-    return float(((x > y).sum() + 0.5 * (x == y).sum()) / (x.size * y.size))
+    counting half (0.5: no difference; 0.71 or more is conventionally a large effect). With
+    ``blocks`` (as in ``bootstrap_difference``) only runs of the same block are compared."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    labels_x, labels_y = blocks or (["-"] * len(x), ["-"] * len(y))
+    same = np.array(labels_x, dtype=object)[:, None] == np.array(labels_y, dtype=object)[None, :]
+    if not same.any():
+        raise ValueError("no block has runs of both methods")
+    wins = (x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])
+    return float(wins[same].sum() / same.sum())
 
 
 def mean_curve(curves: list[list[list[float]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -135,9 +179,11 @@ def documents_to_reach(curves: list[list[list[float]]], target: float) -> float 
 
 def compare(mine: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, Any]:
     """``mine`` against ``other`` (each a list of runs' results): the statistics the issue
-    asks for, in one record."""
+    asks for, in one record. The held-out statistics compare runs on the same specialists
+    (``block_of``); the curves pool every run."""
     a = np.array([r["heldout_scores"] for r in mine])
     b = np.array([r["heldout_scores"] for r in other])
+    blocks = ([run_block(r) for r in mine], [run_block(r) for r in other])
     mine_curves, other_curves = [r["curve"] for r in mine], [r["curve"] for r in other]
     mine_final = mean_curve(mine_curves)[1][-1]
     other_final = mean_curve(other_curves)[1][-1]
@@ -146,14 +192,28 @@ def compare(mine: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str
     reach = documents_to_reach(mine_curves, other_final)
     reach_back = documents_to_reach(other_curves, mine_final)
     return {
-        "heldout_difference": bootstrap_difference(a, b),
-        "a12": a12(a.mean(axis=1), b.mean(axis=1)),
+        "heldout_difference": bootstrap_difference(a, b, blocks=blocks),
+        "a12": a12(a.mean(axis=1), b.mean(axis=1), blocks=blocks),
         "final_fitness": [float(mine_final), float(other_final)],
         "docs_to_reach_other_final": reach,
         "fraction_of_other_docs": None if reach is None else reach / other_docs,
         "other_docs_to_reach_my_final": reach_back,
         "other_fraction_of_my_docs": None if reach_back is None else reach_back / mine_docs,
     }
+
+
+def block_of(specialists_sha256: list[str]) -> str:
+    """A short name for one training of the specialists (from their weights' sha256).
+
+    Retrained on another CPU (native bf16 or not, another kernel) the specialists come out as
+    other models. Runs on them cannot be pooled with runs on the first ones as if they were
+    more seeds, but every block holds both methods on the same models: the comparison is made
+    inside each block and averaged over blocks."""
+    return hashlib.sha256("".join(specialists_sha256).encode()).hexdigest()[:10]
+
+
+def run_block(run: dict[str, Any]) -> str:
+    return block_of(run["specialists_sha256"])
 
 
 # --- the set-up of one pair ---
@@ -191,14 +251,15 @@ def skills_setup(pair: list[str], fitness_docs: int, heldout: list[int]) -> dict
 
 
 def finish_setup(setup: dict[str, Any], budget: int | None, granularity: int) -> dict[str, Any]:
-    """Budget, CMA-ES genome and the specialists' identity (their weights' sha256): runs made
-    with other specialists (retrained on another CPU, say) are never pooled with these."""
+    """Budget, CMA-ES genome and the specialists' identity (their weights' sha256, and the
+    block it names: runs on other specialists are compared within their own block)."""
     n = setup["fitness_docs"] * len(setup["tasks"])
     setup["budget_docs"] = budget or BUDGET_EVALUATIONS * n
     setup["cma_granularity"] = granularity
     setup["specialists_sha256"] = [
         sha256(Path(p) / "model.safetensors") for p in setup["specialists"]
     ]
+    setup["block"] = block_of(setup["specialists_sha256"])
     return setup
 
 
@@ -392,7 +453,6 @@ def identity(setup: dict[str, Any]) -> dict[str, Any]:
         "fitness_docs": setup["fitness_docs"],
         "heldout_ids": setup["heldout_docs"],
         "budget_docs": setup["budget_docs"],
-        "specialists_sha256": setup["specialists_sha256"],
     }
 
 
@@ -401,7 +461,8 @@ def restore(setup: dict[str, Any], root: Path, results: Path) -> int:
     records and ``root`` lacks (a new machine, a cleaned runs folder), so that they count as
     done and are pooled again instead of rerun. The results file is the record that gets
     committed; the runs folder holds gigabytes of models and is not. Only runs of this very
-    set-up (specialists, tasks, documents, budget) are restored. Returns how many."""
+    set-up (tasks, documents, budget) are restored, each into its block's folder. Returns how
+    many."""
     path = results / f"{setup['name']}.json"
     if not path.is_file():
         return 0
@@ -410,7 +471,8 @@ def restore(setup: dict[str, Any], root: Path, results: Path) -> int:
         return 0
     restored = 0
     for run in doc["runs"]:
-        out = root / run_name(run["method"], run["variant"], run["search_seed"]) / "result.json"
+        name = run_name(run["method"], run["variant"], run["search_seed"])
+        out = root / run_block(run) / name / "result.json"
         if not out.is_file():
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(run, indent=1))
@@ -419,14 +481,10 @@ def restore(setup: dict[str, Any], root: Path, results: Path) -> int:
 
 
 def aggregate(setup: dict[str, Any], root: Path, results: Path) -> dict[str, Any]:
-    """Every finished run of this set-up into ``results/<name>.{json,md,png}``."""
-    runs, other = [], 0
-    for path in sorted(root.glob("*/result.json")):
-        run = json.loads(path.read_text())
-        if run["specialists_sha256"] == setup["specialists_sha256"]:
-            runs.append(run)
-        else:
-            other += 1
+    """Every finished run of this set-up, in every block, into
+    ``results/<name>.{json,md,png}``."""
+    runs = [json.loads(path.read_text()) for path in sorted(root.glob("*/*/result.json"))]
+    blocks = list(dict.fromkeys(run_block(r) for r in runs))
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for run in sorted(runs, key=lambda r: (r["method"], r["variant"], r["search_seed"])):
         groups.setdefault((run["method"], run["variant"]), []).append(run)
@@ -435,6 +493,7 @@ def aggregate(setup: dict[str, Any], root: Path, results: Path) -> dict[str, Any
         means = np.array([r["heldout"]["mean"] for r in rs])
         summary[label(method, variant)] = {
             "seeds": [r["search_seed"] for r in rs],
+            "blocks": [blocks.index(run_block(r)) for r in rs],
             "heldout_mean": float(means.mean()),
             "heldout_sd": float(means.std(ddof=1)) if len(rs) > 1 else None,
             "per_task": {s: float(np.mean([r["heldout"][s] for r in rs])) for s in setup["pair"]},
@@ -449,7 +508,10 @@ def aggregate(setup: dict[str, Any], root: Path, results: Path) -> dict[str, Any
             comparisons[f"{label(method, variant)} - CMA-ES"] = compare(rs, cma)
     doc = {
         **identity(setup),
-        "runs_with_other_specialists": other,
+        "blocks": {
+            block: next(r["specialists_sha256"] for r in runs if run_block(r) == block)
+            for block in blocks
+        },
         "summary": summary,
         "comparisons": comparisons,
         "runs": runs,
@@ -499,15 +561,32 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"{c['a12']:.2f} | {reach(c['docs_to_reach_other_final'], c['fraction_of_other_docs'])} | "  # noqa: E501
                 f"{reach(c['other_docs_to_reach_my_final'], c['other_fraction_of_my_docs'])} |"
             )
-    if doc["runs_with_other_specialists"]:
-        n = doc["runs_with_other_specialists"]
-        lines += ["", f"{n} runs with other specialists left out."]
+    if len(doc["blocks"]) > 1:
+        lines += [
+            "",
+            f"{len(doc['blocks'])} blocks (one training of the specialists each, on its own "
+            "machine): the held-out difference and A12 compare runs of the same block.",
+            "",
+            "| block | specialists (sha256) | " + " | ".join(doc["summary"]) + " |",
+            "|---|---|" + "---:|" * len(doc["summary"]),
+        ]
+        for i, (block, shas) in enumerate(doc["blocks"].items()):
+            cells = []
+            for name in doc["summary"]:
+                held = [
+                    f"{r['heldout']['mean']:.3f} (s{r['search_seed']})"
+                    for r in doc["runs"]
+                    if label(r["method"], r["variant"]) == name and run_block(r) == block
+                ]
+                cells.append(", ".join(held) or "-")
+            sha = ", ".join(h[:8] for h in shas)
+            lines.append(f"| {i} ({block}) | {sha} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(groups: dict[tuple[str, str], list[dict]], setup: dict[str, Any], path: Path) -> None:
     """Left: best fitness against documents, mean and sd over seeds. Right: each seed's
-    held-out mean, and the mean and sd over seeds."""
+    held-out mean (marker: block), and the mean and sd over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -516,6 +595,7 @@ def plot(groups: dict[tuple[str, str], list[dict]], setup: dict[str, Any], path:
     fig, (left, right) = plt.subplots(
         1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2, 1]}
     )
+    blocks = list(dict.fromkeys(run_block(r) for rs in groups.values() for r in rs))
     for i, ((method, variant), rs) in enumerate(groups.items()):
         color = f"C{i}"
         name = f"{label(method, variant)}, {len(rs)} seed{'' if len(rs) == 1 else 's'}"
@@ -523,9 +603,12 @@ def plot(groups: dict[tuple[str, str], list[dict]], setup: dict[str, Any], path:
         left.step(grid, mean, where="post", color=color, label=name)
         left.fill_between(grid, mean - sd, mean + sd, step="post", color=color, alpha=0.2)
         held = [r["heldout"]["mean"] for r in rs]
-        # Seeds with the same score sit side by side, so every seed shows as a dot.
+        # Seeds with the same score sit side by side, so every seed shows as a dot; the
+        # marker tells the block (circle: the first training of the specialists).
         xs = [i - 0.06 * held[:k].count(h) for k, h in enumerate(held)]
-        right.plot(xs, held, "o", color=color, alpha=0.6)
+        for x, h, r in zip(xs, held, rs, strict=True):
+            marker = "o^sDv"[blocks.index(run_block(r)) % 5]
+            right.plot(x, h, marker, color=color, alpha=0.6)
         sd_held = float(np.std(held, ddof=1)) if len(held) > 1 else 0.0
         right.errorbar(i + 0.2, np.mean(held), yerr=sd_held, fmt="s", color=color, capsize=4)
     a, b = setup["pair"]
@@ -573,7 +656,7 @@ def parse_runs(specs: list[str], seeds: list[int]) -> list[tuple[str, str, int]]
 def estimate(root: Path, pending: list[tuple[str, str, int]], budget: int, jobs: int) -> str:
     """Time left, from the seconds per document of the runs already finished here."""
     rates: dict[str, list[float]] = {}
-    for path in root.glob("*/result.json"):
+    for path in root.glob("*/*/result.json"):
         r = json.loads(path.read_text())
         rates.setdefault(r["method"], []).append(r["wall_s"] / r["docs"])
     if not all(m in rates for m, _, _ in pending):
@@ -664,26 +747,32 @@ def main(argv: list[str] | None = None) -> int:
     setup = finish_setup(setup, args.budget_docs, args.cma_granularity)
     tag = f"{setup['name']}_f{setup['fitness_docs']}_b{setup['budget_docs']}"
     root = args.runs_dir / tag
-    root.mkdir(parents=True, exist_ok=True)
-    known = root / "setup.json"
-    if known.is_file() and json.loads(known.read_text()) != setup:
-        print(
-            f"h2h: {root} holds runs of another set-up (specialists or tasks changed); "
-            "earlier runs are kept but left out of the results",
-            file=sys.stderr,
-        )
+    here = root / setup["block"]  # this machine's specialists: the runs made here
+    here.mkdir(parents=True, exist_ok=True)
+    known = here / "setup.json"
+    if known.is_file():
+        before = json.loads(known.read_text())
+        changed = [k for k in SETUP_KEYS if before.get(k) != setup.get(k)]
+        if changed:
+            print(
+                f"h2h: {here} holds runs of another set-up ({', '.join(changed)} changed); "
+                "give another --name or --runs-dir",
+                file=sys.stderr,
+            )
+            return 2
     known.write_text(json.dumps(setup, indent=1))
     restored = restore(setup, root, args.results_dir)
     if restored:
         record = args.results_dir / f"{setup['name']}.json"
         print(f"h2h: {restored} finished runs restored from {record}")
-    pending = [p for p in plan if not (root / run_name(*p) / "result.json").is_file()]
+    pending = [p for p in plan if not (here / run_name(*p) / "result.json").is_file()]
     print(
-        f"h2h {tag}: {len(plan) - len(pending)} of {len(plan)} runs done; "
+        f"h2h {tag}, block {setup['block']}: {len(plan) - len(pending)} of {len(plan)} runs "
+        "done; "
         f"{estimate(root, pending, setup['budget_docs'], args.jobs)}",
         flush=True,
     )
-    failed = run_pool(root, pending, args.jobs, lambda: aggregate(setup, root, args.results_dir))
+    failed = run_pool(here, pending, args.jobs, lambda: aggregate(setup, root, args.results_dir))
     aggregate(setup, root, args.results_dir)
     print(f"h2h: results in {args.results_dir / setup['name']}.md", flush=True)
     if failed:
