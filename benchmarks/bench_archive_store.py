@@ -201,7 +201,7 @@ def run_setting(
         "cache_size": cache,
         "upload_while_scoring": upload == "while",
     }
-    cfg["fitness"]["num_threads"] = max(1, (os.cpu_count() or 1) // args.workers)
+    cfg["fitness"]["num_threads"] = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     path = root / f"{name}.yml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg["fitness"]["num_threads"])}
@@ -296,6 +296,9 @@ def main() -> None:
         "scored (search.upload_while_scoring)",
     )
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument(
+        "--threads", type=int, help="torch threads per worker (default: the cores / workers)"
+    )
     args = p.parse_args()
     for key, value in {
         "HF_HUB_OFFLINE": "1",
