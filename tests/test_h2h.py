@@ -244,3 +244,29 @@ def test_restore_writes_back_runs_of_the_same_set_up_into_their_blocks(tmp_path:
         assert json.loads(written.read_text()) == r
     assert h2h.block_of(["a", "b"]) != h2h.block_of(["c", "d"])
     assert h2h.restore(setup, tmp_path / "runs", results) == 0  # present: left alone
+
+
+def test_a_block_with_another_set_up_is_one_line(tmp_path: Path, capsys) -> None:
+    """Runs of one block share tasks, documents and metric: a rerun that changes one of them
+    in the same runs folder is refused, before anything is trained or run."""
+    folders = []
+    for name in ("a", "b", "base"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / "model.safetensors").write_bytes(name.encode())
+        folders.append(str(tmp_path / name))
+    args = [
+        *("--specialists", folders[0], folders[1], "--base", folders[2]),
+        *("--tasks", "t1", "t2", "--fitness-docs", "5", "--heldout-docs", "4"),
+        *("--budget-docs", "70", "--runs-dir", str(tmp_path / "runs"), "--name", "p"),
+        *("--results-dir", str(tmp_path / "results"), "--runs", "cma@0", "--metric"),
+    ]
+    shas = [h2h.sha256(Path(f) / "model.safetensors") for f in folders[:2]]
+    here = tmp_path / "runs" / "p_f5_b70" / h2h.block_of(shas)
+    here.mkdir(parents=True)
+    known = {"tasks": ["t1", "t2"], "metric": "acc", "specialists_sha256": shas}
+    (here / "setup.json").write_text(json.dumps(known))
+    assert h2h.main([*args, "exact_match"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "metric" in err and str(here) in err
+    assert json.loads((here / "setup.json").read_text()) == known  # left as it was
