@@ -24,12 +24,12 @@ Rerun the same command to resume: finished runs are kept
 A block is one training of the specialists: retrained on another CPU they are other models,
 so a new machine's runs go in a new block, and the statistics compare methods within blocks.
 ``results/h2h/<A>_<B>.json`` (every run, with its curve and held-out scores per document),
-``.md`` (table and statistics) and ``.png`` are rewritten after every finished run. The statistics (``compare``): the difference of the
-across-seed means of the held-out mean with a bootstrap 95 % interval (seeds resampled per
-method, documents resampled inside, the same documents for both; with several blocks, the
-mean over blocks of each block's difference, blocks resampled first), Vargha-Delaney A12 over
-the seeds (pairs within a block), and the documents each method's mean curve needs to reach the
-other's final fitness.
+``.md`` (table and statistics) and ``.png`` are rewritten after every finished run. The
+statistics (``compare``): the difference of the across-seed means of the held-out mean with a
+bootstrap 95 % interval (seeds resampled per method, documents resampled inside, the same
+documents for both; with several blocks, the mean over blocks of each block's difference,
+blocks resampled first), Vargha-Delaney A12 over the seeds (pairs within a block), and the
+documents each method's mean curve needs to reach the other's final fitness.
 """
 
 from __future__ import annotations
@@ -426,6 +426,7 @@ def one_run(root: Path, method: str, variant: str, seed: int) -> None:
         "heldout": {tasks.get(k, k): v for k, v in held["means"].items()},
         "heldout_scores": held["docs"],  # one per held-out document, tasks in order
         "specialists_sha256": setup["specialists_sha256"],
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     tmp = out / "result.json.tmp"
     tmp.write_text(json.dumps(result))
@@ -484,7 +485,14 @@ def aggregate(setup: dict[str, Any], root: Path, results: Path) -> dict[str, Any
     """Every finished run of this set-up, in every block, into
     ``results/<name>.{json,md,png}``."""
     runs = [json.loads(path.read_text()) for path in sorted(root.glob("*/*/result.json"))]
-    blocks = list(dict.fromkeys(run_block(r) for r in runs))
+    # Blocks numbered in the order their first run finished (runs from before the timestamp
+    # was recorded count as first).
+    first: dict[str, str] = {}
+    for r in runs:
+        block = run_block(r)
+        first[block] = min(first.get(block, r.get("finished", "")), r.get("finished", ""))
+    blocks = sorted(first, key=lambda b: (first[b], b))
+    runs.sort(key=lambda r: blocks.index(run_block(r)))
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for run in sorted(runs, key=lambda r: (r["method"], r["variant"], r["search_seed"])):
         groups.setdefault((run["method"], run["variant"]), []).append(run)
@@ -521,7 +529,7 @@ def aggregate(setup: dict[str, Any], root: Path, results: Path) -> dict[str, Any
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     stem.with_suffix(".md").write_text(markdown(doc))
     if runs:
-        plot(groups, setup, stem.with_suffix(".png"))
+        plot(groups, blocks, setup, stem.with_suffix(".png"))
     return doc
 
 
@@ -584,9 +592,11 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(groups: dict[tuple[str, str], list[dict]], setup: dict[str, Any], path: Path) -> None:
+def plot(
+    groups: dict[tuple[str, str], list[dict]], blocks: list[str], setup: dict[str, Any], path: Path
+) -> None:
     """Left: best fitness against documents, mean and sd over seeds. Right: each seed's
-    held-out mean (marker: block), and the mean and sd over seeds."""
+    held-out mean (marker: block, in ``blocks``' order), and the mean and sd over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -595,7 +605,6 @@ def plot(groups: dict[tuple[str, str], list[dict]], setup: dict[str, Any], path:
     fig, (left, right) = plt.subplots(
         1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2, 1]}
     )
-    blocks = list(dict.fromkeys(run_block(r) for rs in groups.values() for r in rs))
     for i, ((method, variant), rs) in enumerate(groups.items()):
         color = f"C{i}"
         name = f"{label(method, variant)}, {len(rs)} seed{'' if len(rs) == 1 else 's'}"
@@ -621,7 +630,8 @@ def plot(groups: dict[tuple[str, str], list[dict]], setup: dict[str, Any], path:
     right.set_xticklabels([label(m, v) for m, v in groups], fontsize=8)
     right.set_xlim(-0.5, len(groups) - 0.3)
     right.set_ylabel("held-out mean exact match")
-    right.set_title("held-out: seeds (dots), mean and sd")
+    shapes = ", shape: block" if len(blocks) > 1 else ""
+    right.set_title(f"held-out: seeds (dots{shapes}), mean and sd", fontsize=10)
     right.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
