@@ -630,8 +630,8 @@ def plot(
     right.set_xticklabels([label(m, v) for m, v in groups], fontsize=8)
     right.set_xlim(-0.5, len(groups) - 0.3)
     right.set_ylabel("held-out mean exact match")
-    shapes = ", shape: block" if len(blocks) > 1 else ""
-    right.set_title(f"held-out: seeds (dots{shapes}), mean and sd", fontsize=10)
+    shapes = "; shape: block" if len(blocks) > 1 else ""
+    right.set_title(f"held-out per seed{shapes}; mean, sd", fontsize=10)
     right.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
