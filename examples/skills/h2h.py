@@ -74,7 +74,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "k3": {"split_points": 3},
 }
 METHODS = ("m2n2", "cma")
-#: One thread per run: two runs share two cores without oversubscribing them.
 #: What a block's runs share besides their paths (a moved folder is the same set-up).
 SETUP_KEYS = (
     "tasks",
@@ -86,6 +85,7 @@ SETUP_KEYS = (
     "cma_granularity",
     "specialists_sha256",
 )
+#: One thread per run: two runs share two cores without oversubscribing them.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
@@ -127,6 +127,8 @@ def bootstrap_difference(
     draws = np.empty(iterations)
     for i in range(iterations):
         docs = rng.integers(0, n_docs, n_docs)
+        # One block draws nothing here, so its random stream (and interval) is exactly that
+        # of the statistic before blocks existed.
         drawn = rng.integers(0, len(pairs), len(pairs)) if len(pairs) > 1 else [0]
         diffs = []
         for k in drawn:
